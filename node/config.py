@@ -1,0 +1,146 @@
+"""The node's one settings object: a TOML file overridden by ``SPINE_NODE_*`` variables.
+
+Loaded once at start-up (:func:`load_settings`) and passed down; nothing reads the
+environment after that.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$")]
+
+#: Default device UID of a node; every installation should set its own (README, Configuration).
+DEFAULT_DEVICE_UID = "2.25.275007925420094128946313392911826340931"
+
+
+class ConfigError(ValueError):
+    """Start-up configuration is invalid; the message names the offending key."""
+
+
+class IncompletePolicy(str, enum.Enum):
+    """What to do when ``study_timeout_s`` passes with a series role still missing."""
+
+    GRADE_PARTIAL = "grade_partial"
+    MARK_INCOMPLETE = "mark_incomplete"
+
+
+class Caller(BaseModel):
+    """One allowed calling peer: its AE title and, optionally, the host it must call from."""
+
+    ae_title: AETitle
+    host: str | None = None
+
+    def admits(self, ae_title: str, host: str) -> bool:
+        """True if a peer calling as ``ae_title`` from ``host`` matches this entry."""
+        return ae_title.strip() == self.ae_title.strip() and self.host in (None, "", host)
+
+
+class TLSSettings(BaseModel):
+    """DICOM TLS for the SCP (and the SCU, for destinations that ask for it)."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+
+class Destination(BaseModel):
+    """A peer that receives our result objects over C-STORE."""
+
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+
+
+class Settings(BaseSettings):
+    """Every setting of the node; see README "Configuration" for the reference table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SPINE_NODE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        toml_file=None,
+    )
+
+    ae_title: AETitle = Field("SPINENODE", description="Our AE title; associations calling another are rejected.")
+    host: str = Field("0.0.0.0", description="Address the SCP listens on.")
+    port: int = Field(11112, ge=0, le=65535, description="TCP port of the SCP (0 picks a free one).")
+    database_url: str = Field("sqlite:///var/spine-node.db", description="SQLAlchemy URL; SQLite (embedded) or PostgreSQL.")
+    storage_dir: Path = Field(Path("var/storage"), description="Where received instances are stored, as received.")
+    broker_url: str = Field("", description="Celery broker (Redis) URL; empty runs grading in-process (embedded mode).")
+    allowed_callers: list[Caller] = Field(default_factory=list, description="Calling AE title (+ host) allowlist; empty admits every caller.")
+    max_associations: int = Field(16, ge=1, le=1000, description="Most simultaneous associations per receiver process.")
+    receivers: int = Field(1, ge=1, le=64, description="Receiving processes sharing the port (SO_REUSEPORT); one core each.")
+    quiet_period_s: float = Field(30.0, ge=0, description="Seconds without new instances before a complete study is READY.")
+    study_timeout_s: float = Field(600.0, gt=0, description="Seconds after the last instance before an incomplete study is decided.")
+    incomplete_policy: IncompletePolicy = Field(IncompletePolicy.GRADE_PARTIAL, description="At timeout with a role missing: grade what is there, or mark the study INCOMPLETE.")
+    min_free_disk_mb: int = Field(1024, ge=0, description="Refuse new instances (0xA700) when the storage disk has less free space.")
+    tls: TLSSettings | None = Field(None, description="DICOM TLS for the SCP; absent = plain TCP.")
+    destinations: list[Destination] = Field(default_factory=list, description="Where result objects are sent.")
+    device_uid: str = Field(DEFAULT_DEVICE_UID, pattern=r"^[0-2](\.(0|[1-9][0-9]*))+$", max_length=64, description="Our device UID, stamped on our result objects so we never take them as inputs.")
+    uid_root: str = Field("2.25", pattern=r"^[0-2](\.(0|[1-9][0-9]*))*$", max_length=40, description="UID root for the objects we create.")
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Python logging level.")
+
+    @field_validator("storage_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @model_validator(mode="after")
+    def _study_timeout_after_quiet(self) -> "Settings":
+        if self.study_timeout_s < self.quiet_period_s:
+            raise ValueError("study_timeout_s must not be shorter than quiet_period_s")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Precedence: explicit arguments, then the environment, then the TOML file."""
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read ``config_file`` (TOML, optional), then ``SPINE_NODE_*`` variables, then ``overrides``.
+
+    Raises :class:`ConfigError` naming every bad key, so start-up stops with a clear message.
+    """
+    settings_cls = Settings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file not found: {config_file}")
+        settings_cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": config_file}})
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    except ValueError as exc:  # TOML syntax error, raised by the file source
+        raise ConfigError(f"{config_file}: {exc}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line per bad key, named as in the TOML file (``destinations.0.port``)."""
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "config"
+        value = error.get("input")
+        shown = f" (got {value!r})" if isinstance(value, (str, int, float)) and key != "config" else ""
+        lines.append(f"{key}: {error['msg']}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

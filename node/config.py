@@ -128,7 +128,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             raise ConfigError(f"config file not found: {config_file}")
         settings_cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": config_file}})
     try:
-        return settings_cls(**overrides)
+        loaded = settings_cls(**overrides)
+        return loaded if settings_cls is Settings else Settings(**loaded.model_dump())
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
     except ValueError as exc:  # TOML syntax error, raised by the file source

@@ -75,3 +75,19 @@ def migrate(database_url: str) -> None:
     """Bring the database to the newest schema (idempotent; run at every start)."""
     LOGGER.info("migrating database schema to head")
     command.upgrade(alembic_config(database_url), "head")
+
+
+def insert_ignore(session: Session, model: type[Any], values: dict[str, Any], unique_column: str) -> int | None:
+    """INSERT a row unless one with the same ``unique_column`` exists; return the new id or None.
+
+    Uses ON CONFLICT DO NOTHING, so concurrent receivers never fail on a duplicate key.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise NotImplementedError(f"unsupported database: {dialect}")
+    stmt = insert(model).values(**values).on_conflict_do_nothing(index_elements=[unique_column])
+    return session.scalar(stmt.returning(model.id))

@@ -85,10 +85,6 @@ class JobState(str, enum.Enum):
     CANCELLED = "CANCELLED"
 
 
-#: Job states a study can still make progress from; a new job for the study supersedes these.
-OPEN_JOB_STATES = (JobState.PENDING.value, JobState.QUEUED.value, JobState.RUNNING.value)
-
-
 class Base(DeclarativeBase):
     """Declarative base with constraint names that Alembic can render on every database."""
 

@@ -1,0 +1,29 @@
+# spine-node: `make demo` runs the main job end to end, `make test` runs the tests.
+# Both set up everything they need on a fresh machine (a .venv with the project installed).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench-ingest clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/spine-node demo
+
+test: install
+	$(BIN)/python -m pytest
+
+bench-ingest: install
+	$(BIN)/python -m bench.ingest
+
+clean:
+	rm -rf $(VENV) var demo-out bench/out

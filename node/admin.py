@@ -1,0 +1,140 @@
+"""What admins see and do: study lists, a study's full timeline, requeue.
+
+Functions return plain dicts in the JSON shapes of DESIGN.md, so the CLI prints them as JSON
+or as tables and tests compare them directly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.db import transaction
+from node.readiness import cancel_open_jobs, missing_roles
+from node.schema import Delivery, Event, Instance, Job, JobKind, Result, Series, Study, StudyState
+from node.series import SeriesRole
+
+
+class UnknownStudy(LookupError):
+    """No study with that StudyInstanceUID is known to the node."""
+
+
+def list_studies(sessions: sessionmaker[Session], state: StudyState | None = None) -> list[dict[str, Any]]:
+    """Every study (newest first) with its state and instance and series counts."""
+    instances = (
+        select(Instance.study_id, func.count(Instance.id).label("n"), func.count(func.distinct(Instance.series_id)).label("s"))
+        .group_by(Instance.study_id)
+        .subquery()
+    )
+    query = (
+        select(Study.study_instance_uid, Study.state, Study.updated_at, instances.c.n, instances.c.s)
+        .outerjoin(instances, instances.c.study_id == Study.id)
+        .order_by(Study.updated_at.desc(), Study.id.desc())
+    )
+    if state is not None:
+        query = query.where(Study.state == state.value)
+    with sessions() as session:
+        return [
+            {"study_instance_uid": uid, "state": st, "instances": n or 0, "series": s or 0, "updated_at": _iso(at)}
+            for uid, st, at, n, s in session.execute(query)
+        ]
+
+
+def show_study(sessions: sessionmaker[Session], study_instance_uid: str) -> dict[str, Any]:
+    """One study in full: series with roles and reasons, jobs, timeline, result, deliveries."""
+    with sessions() as session:
+        study = _study(session, study_instance_uid)
+        counts = dict(
+            session.execute(
+                select(Instance.series_id, func.count(Instance.id)).where(Instance.study_id == study.id).group_by(Instance.series_id)
+            ).all()
+        )
+        series = session.scalars(select(Series).where(Series.study_id == study.id).order_by(Series.series_number, Series.id)).all()
+        jobs = session.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.id)).all()
+        events = session.scalars(select(Event).where(Event.study_id == study.id).order_by(Event.at, Event.id)).all()
+        result = session.scalars(select(Result).where(Result.study_id == study.id).order_by(Result.id.desc())).first()
+        deliveries = session.scalars(select(Delivery).where(Delivery.study_id == study.id).order_by(Delivery.id)).all()
+    roles = frozenset(SeriesRole(s.role) for s in series)
+    return {
+        "study_instance_uid": study.study_instance_uid,
+        "state": study.state,
+        "created_at": _iso(study.created_at),
+        "updated_at": _iso(study.updated_at),
+        "missing_roles": missing_roles(roles),
+        "series": [
+            {
+                "series_instance_uid": s.series_instance_uid,
+                "series_number": s.series_number,
+                "series_description": s.series_description,
+                "modality": s.modality,
+                "role": s.role,
+                "role_reason": s.role_reason,
+                "instances": counts.get(s.id, 0),
+            }
+            for s in series
+        ],
+        "jobs": [_job(job) for job in jobs],
+        "timeline": [
+            {"at": _iso(e.at), "kind": e.kind, "message": e.message, "actor": e.actor, "details": e.details}
+            for e in events
+        ],
+        "result": result.payload if result else None,
+        "deliveries": [
+            {"destination": d.destination, "sop_instance_uid": d.sop_instance_uid, "state": d.state,
+             "attempts": d.attempts, "last_status": d.last_status, "updated_at": _iso(d.updated_at)}
+            for d in deliveries
+        ],
+    }
+
+
+def requeue(sessions: sessionmaker[Session], study_instance_uid: str, actor: str) -> dict[str, Any]:
+    """Write a new grading job for the study as it is now, superseding any job not yet started."""
+    with transaction(sessions) as session:
+        study = _study(session, study_instance_uid)
+        session.refresh(study, with_for_update=True)
+        count, last = session.execute(
+            select(func.count(Instance.id), func.max(Instance.id)).where(Instance.study_id == study.id)
+        ).one()
+        roles = frozenset(SeriesRole(r) for r in session.scalars(select(Series.role).where(Series.study_id == study.id)))
+        earlier = session.scalar(select(func.count(Job.id)).where(Job.study_id == study.id, Job.kind == JobKind.GRADE.value))
+        cancel_open_jobs(session, study.id, JobKind.GRADE)
+        missing = missing_roles(roles)
+        job = Job(study_id=study.id, kind=JobKind.GRADE.value, input_key=f"{count}:{last}:requeue-{earlier + 1}",
+                  partial=bool(missing), missing_roles=missing)
+        session.add(job)
+        previous = study.state
+        study.state = StudyState.READY.value
+        session.add(Event(study_id=study.id, kind="requeued", actor=actor,
+                          message=f"requeued from {previous} by {actor}", details={"missing_roles": missing}))
+        session.flush()
+        return _job(job)
+
+
+def _study(session: Session, study_instance_uid: str) -> Study:
+    study = session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
+    if study is None:
+        raise UnknownStudy(f"no study {study_instance_uid}")
+    return study
+
+
+def _job(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "state": job.state,
+        "partial": job.partial,
+        "missing_roles": job.missing_roles,
+        "attempts": job.attempts,
+        "error": job.error,
+        "created_at": _iso(job.created_at),
+        "queued_at": _iso(job.queued_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+    }
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value else None

@@ -1,0 +1,130 @@
+"""``spine-node``: the one command line, and the composition root that wires the processes."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from node.admin import UnknownStudy, list_studies, requeue, show_study
+from node.config import ConfigError, Settings, load_settings
+from node.db import make_engine, make_sessionmaker, migrate
+from node.schema import StudyState
+from node.service import configure_logging, serve
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, load the settings once, run the subcommand; return the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"spine-node: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        return int(args.run(settings, args) or 0)
+    except UnknownStudy as exc:
+        print(f"spine-node: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spine-node", description="DICOM AI node for lumbar spine MRI (research use only).")
+    parser.add_argument("--config", type=Path, help="TOML settings file (SPINE_NODE_* variables override it)")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    cmd = commands.add_parser("serve", help="receive studies over DICOM and decide when they are ready")
+    cmd.set_defaults(run=_serve)
+
+    cmd = commands.add_parser("studies", help="list studies and their states")
+    cmd.add_argument("--state", type=StudyState, choices=list(StudyState), help="only studies in this state")
+    cmd.add_argument("--json", action="store_true", help="print JSON")
+    cmd.set_defaults(run=_studies)
+
+    cmd = commands.add_parser("show", help="one study: series and roles, jobs, timeline, result")
+    cmd.add_argument("study_instance_uid")
+    cmd.add_argument("--json", action="store_true", help="print JSON")
+    cmd.set_defaults(run=_show)
+
+    cmd = commands.add_parser("requeue", help="grade a study again (supersedes jobs not yet started)")
+    cmd.add_argument("study_instance_uid")
+    cmd.set_defaults(run=_requeue)
+    return parser
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    serve(settings, stop)
+    return 0
+
+
+def _sessions(settings: Settings) -> Any:
+    migrate(settings.database_url)
+    return make_sessionmaker(make_engine(settings.database_url))
+
+
+def _studies(settings: Settings, args: argparse.Namespace) -> int:
+    rows = list_studies(_sessions(settings), args.state)
+    if args.json:
+        _print_json(rows)
+        return 0
+    table = Table("study", "state", "series", "instances", "updated")
+    for row in rows:
+        table.add_row(row["study_instance_uid"], row["state"], str(row["series"]), str(row["instances"]), row["updated_at"])
+    Console().print(table)
+    return 0
+
+
+def _show(settings: Settings, args: argparse.Namespace) -> int:
+    study = show_study(_sessions(settings), args.study_instance_uid)
+    if args.json:
+        _print_json(study)
+        return 0
+    print_study(study, Console())
+    return 0
+
+
+def print_study(study: dict[str, Any], console: Console) -> None:
+    """A study for people: its series and roles, its jobs and its timeline."""
+    console.print(f"[bold]{study['study_instance_uid']}[/bold]  state [bold]{study['state']}[/bold]"
+                  + (f"  missing: {', '.join(study['missing_roles'])}" if study["missing_roles"] else ""))
+    series = Table("#", "description", "role", "instances", "why", title="series")
+    for s in study["series"]:
+        series.add_row(str(s["series_number"] or ""), s["series_description"] or "", s["role"], str(s["instances"]), s["role_reason"])
+    console.print(series)
+    if study["jobs"]:
+        jobs = Table("job", "kind", "state", "partial", "created", "finished", title="jobs")
+        for j in study["jobs"]:
+            jobs.add_row(str(j["id"]), j["kind"], j["state"], ", ".join(j["missing_roles"]) or "no", j["created_at"], j["finished_at"] or "")
+        console.print(jobs)
+    timeline = Table("at", "event", "by", "what", title="timeline")
+    for e in study["timeline"]:
+        timeline.add_row(e["at"], e["kind"], e["actor"], e["message"])
+    console.print(timeline)
+
+
+def _requeue(settings: Settings, args: argparse.Namespace) -> int:
+    job = requeue(_sessions(settings), args.study_instance_uid, actor=f"cli:{getpass.getuser()}")
+    print(f"requeued {args.study_instance_uid}: job {job['id']} written")
+    return 0
+
+
+def _print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The node process: receivers on the DICOM port plus the readiness loop (``spine-node serve``)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+from node.config import Settings
+from node.db import make_engine, make_sessionmaker, migrate
+from node.readiness import Readiness
+from node.scp import start_scp
+from node.store import InstanceStore
+
+LOGGER = logging.getLogger(__name__)
+
+#: Longest sleep of the readiness loop: bounds how late it sees studies from other processes.
+MAX_POLL_S = 2.0
+
+
+def receive_until(settings: Settings, stop: threading.Event) -> None:
+    """Run one receiver (SCP + store with its own engine) until ``stop`` is set."""
+    engine = make_engine(settings.database_url)
+    try:
+        server = start_scp(settings, InstanceStore(settings, make_sessionmaker(engine)))
+        try:
+            stop.wait()
+        finally:
+            server.shutdown()
+            server.server_close()
+    finally:
+        engine.dispose()
+
+
+def _receiver_process(settings: Settings, parent_pid: int) -> None:
+    """Entry point of an extra receiving process; it ends on SIGTERM or when its parent dies."""
+    configure_logging(settings.log_level)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch_parent() -> None:
+        while not stop.wait(1.0):
+            if os.getppid() != parent_pid:
+                stop.set()
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+    receive_until(settings, stop)
+
+
+def serve(settings: Settings, stop: threading.Event, on_tick: Callable[[], None] | None = None) -> None:
+    """Migrate, start ``settings.receivers`` receivers, and run readiness until ``stop`` is set.
+
+    ``on_tick`` runs after each readiness check (the composition root hangs dispatch on it).
+    """
+    migrate(settings.database_url)
+    if not settings.allowed_callers:
+        LOGGER.warning("allowed_callers is empty: every calling AE title and host is admitted")
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    server = start_scp(settings, InstanceStore(settings, sessions))
+    spawn = multiprocessing.get_context("spawn")
+    children = [
+        spawn.Process(target=_receiver_process, args=(settings, os.getpid()), name=f"receiver-{i}", daemon=True)
+        for i in range(1, settings.receivers)
+    ]
+    for child in children:
+        child.start()
+    readiness = Readiness(settings, sessions)
+    poll = max(0.05, min(settings.quiet_period_s, MAX_POLL_S))
+    try:
+        while not stop.is_set():
+            wait = readiness.check()
+            if on_tick is not None:
+                on_tick()
+            stop.wait(poll if wait is None else min(max(wait, 0.05), poll))
+    finally:
+        LOGGER.info("stopping")
+        for child in children:
+            child.terminate()
+        server.shutdown()
+        server.server_close()
+        for child in children:
+            child.join(10)
+        engine.dispose()
+
+
+def configure_logging(level: str) -> None:
+    """Plain, timestamped log lines; pynetdicom's chatter (which may echo headers) kept at WARNING."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -1,0 +1,182 @@
+"""Real services for the tests: a scratch PostgreSQL cluster, a running node, dcmtk's tools.
+
+Nothing here relies on services the machine may already run: each test session starts its own
+PostgreSQL on a free port, and each node runs as a real ``spine-node serve`` process.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+STORESCU = "/usr/bin/storescu"
+ECHOSCU = "/usr/bin/echoscu"
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class PostgresCluster:
+    """A throw-away PostgreSQL cluster in a temp dir, on a free port, trust auth."""
+
+    def __init__(self) -> None:
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+        if not bins:
+            raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
+        self.bin = Path(bins[-1])
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="spine-node-pg-"))
+        self.as_user: list[str] = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres", "--no-sync")
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "start",
+                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off")
+        self._databases = 0
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self.as_user, str(self.bin / tool), *args], check=True, capture_output=True)
+
+    def create_database(self) -> str:
+        """A new empty database; returns its SQLAlchemy URL."""
+        import psycopg
+
+        self._databases += 1
+        name = f"test_{self._databases}"
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        subprocess.run([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def echo(port: int, called: str = "SPINENODE", calling: str = "ECHOSCU", extra: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """dcmtk's echoscu against 127.0.0.1:``port``."""
+    return subprocess.run([ECHOSCU, "-aet", calling, "-aec", called, *(extra or []), "127.0.0.1", str(port)],
+                          capture_output=True, text=True, env=DCMTK_ENV, timeout=60)
+
+
+def store(port: int, paths: list[Path] | Path, called: str = "SPINENODE", calling: str = "STORESCU",
+          extra: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """dcmtk's storescu sending files (or a folder, recursively), proposing what they need (-R)."""
+    targets = [str(p) for p in (paths if isinstance(paths, list) else [paths])]
+    return subprocess.run(
+        [STORESCU, "-R", "+sd", "+r", "-aet", calling, "-aec", called, *(extra or []), "127.0.0.1", str(port), *targets],
+        capture_output=True, text=True, env=DCMTK_ENV, timeout=120,
+    )
+
+
+class NodeProcess:
+    """``spine-node serve`` as a real process with a TOML config written for the test."""
+
+    def __init__(self, workdir: Path, database_url: str, echo_as: str = "ECHOSCU",
+                 echo_extra: list[str] | None = None, **settings: Any) -> None:
+        self.workdir = workdir
+        self.echo_as, self.echo_extra = echo_as, echo_extra
+        self.port = settings.pop("port", None) or free_port()
+        self.settings = {
+            "port": self.port,
+            "host": "127.0.0.1",
+            "database_url": database_url,
+            "storage_dir": str(workdir / "storage"),
+            "quiet_period_s": 0.5,
+            "study_timeout_s": 60.0,
+            "min_free_disk_mb": 0,
+            **settings,
+        }
+        self.config = workdir / "spine-node.toml"
+        self.config.write_text(_toml(self.settings))
+        self.log = workdir / "node.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run another ``spine-node`` subcommand against this node's config."""
+        result = subprocess.run([sys.executable, "-m", "node.cli", "--config", str(self.config), *args],
+                                capture_output=True, text=True, timeout=120)
+        if check and result.returncode != 0:
+            raise AssertionError(f"spine-node {' '.join(args)} failed:\n{result.stderr}")
+        return result
+
+    def start(self) -> NodeProcess:
+        """Start serving and wait until C-ECHO succeeds."""
+        log = open(self.log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--config", str(self.config), "serve"],
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+
+        def answering() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            return echo(self.port, calling=self.echo_as, extra=self.echo_extra).returncode == 0
+
+        wait_for(answering, 60, "the node to answer C-ECHO")
+        return self
+
+    def stop(self) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(60)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (receivers included), as a crash would."""
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+            self.proc = None
+
+
+def _toml(values: dict[str, Any]) -> str:
+    """Enough TOML for our test configs (scalars, lists of tables, one nested table)."""
+    lines, tables = [], []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            tables.append(f"[{key}]\n" + "".join(f"{k} = {_scalar(v)}\n" for k, v in value.items()))
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            tables.extend(f"[[{key}]]\n" + "".join(f"{k} = {_scalar(v)}\n" for k, v in item.items()) for item in value)
+        else:
+            lines.append(f"{key} = {_scalar(value)}")
+    return "\n".join(lines) + "\n\n" + "\n".join(tables)
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_scalar(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

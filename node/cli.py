@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from node.admin import UnknownStudy, list_studies, requeue, show_study
-from node.config import ConfigError, Settings, load_settings
+from node.config import ConfigError, Settings, load_settings, reference_markdown
 from node.db import make_engine, make_sessionmaker, migrate
 from node.schema import StudyState
 from node.service import configure_logging, serve
+from node.views import print_study, studies_table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--json", action="store_true", help="print JSON")
     cmd.set_defaults(run=_show)
 
+    cmd = commands.add_parser("config", help="print the configuration reference (Markdown)")
+    cmd.set_defaults(run=lambda settings, args: print(reference_markdown(), end=""))
+
     cmd = commands.add_parser("requeue", help="grade a study again (supersedes jobs not yet started)")
     cmd.add_argument("study_instance_uid")
     cmd.set_defaults(run=_requeue)
@@ -80,10 +83,7 @@ def _studies(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
         return 0
-    table = Table("study", "state", "series", "instances", "updated")
-    for row in rows:
-        table.add_row(row["study_instance_uid"], row["state"], str(row["series"]), str(row["instances"]), row["updated_at"])
-    Console().print(table)
+    Console().print(studies_table(rows))
     return 0
 
 
@@ -94,25 +94,6 @@ def _show(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     print_study(study, Console())
     return 0
-
-
-def print_study(study: dict[str, Any], console: Console) -> None:
-    """A study for people: its series and roles, its jobs and its timeline."""
-    console.print(f"[bold]{study['study_instance_uid']}[/bold]  state [bold]{study['state']}[/bold]"
-                  + (f"  missing: {', '.join(study['missing_roles'])}" if study["missing_roles"] else ""))
-    series = Table("#", "description", "role", "instances", "why", title="series")
-    for s in study["series"]:
-        series.add_row(str(s["series_number"] or ""), s["series_description"] or "", s["role"], str(s["instances"]), s["role_reason"])
-    console.print(series)
-    if study["jobs"]:
-        jobs = Table("job", "kind", "state", "partial", "created", "finished", title="jobs")
-        for j in study["jobs"]:
-            jobs.add_row(str(j["id"]), j["kind"], j["state"], ", ".join(j["missing_roles"]) or "no", j["created_at"], j["finished_at"] or "")
-        console.print(jobs)
-    timeline = Table("at", "event", "by", "what", title="timeline")
-    for e in study["timeline"]:
-        timeline.add_row(e["at"], e["kind"], e["actor"], e["message"])
-    console.print(timeline)
 
 
 def _requeue(settings: Settings, args: argparse.Namespace) -> int:

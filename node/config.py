@@ -80,15 +80,15 @@ class Settings(BaseSettings):
     database_url: str = Field("sqlite:///var/spine-node.db", description="SQLAlchemy URL; SQLite (embedded) or PostgreSQL.")
     storage_dir: Path = Field(Path("var/storage"), description="Where received instances are stored, as received.")
     broker_url: str = Field("", description="Celery broker (Redis) URL; empty runs grading in-process (embedded mode).")
-    allowed_callers: list[Caller] = Field(default_factory=list, description="Calling AE title (+ host) allowlist; empty admits every caller.")
+    allowed_callers: list[Caller] = Field(default_factory=list, description="Calling AE title (+ host) allowlist: list of tables with ae_title and optional host; empty admits every caller.")
     max_associations: int = Field(16, ge=1, le=1000, description="Most simultaneous associations per receiver process.")
     receivers: int = Field(1, ge=1, le=64, description="Receiving processes sharing the port (SO_REUSEPORT); one core each.")
     quiet_period_s: float = Field(30.0, ge=0, description="Seconds without new instances before a complete study is READY.")
     study_timeout_s: float = Field(600.0, gt=0, description="Seconds after the last instance before an incomplete study is decided.")
     incomplete_policy: IncompletePolicy = Field(IncompletePolicy.GRADE_PARTIAL, description="At timeout with a role missing: grade what is there, or mark the study INCOMPLETE.")
     min_free_disk_mb: int = Field(1024, ge=0, description="Refuse new instances (0xA700) when the storage disk has less free space.")
-    tls: TLSSettings | None = Field(None, description="DICOM TLS for the SCP; absent = plain TCP.")
-    destinations: list[Destination] = Field(default_factory=list, description="Where result objects are sent.")
+    tls: TLSSettings | None = Field(None, description="DICOM TLS for the SCP: table with cert_file, key_file, ca_file, require_client_cert (env: SPINE_NODE_TLS__CERT_FILE, ...); absent = plain TCP.")
+    destinations: list[Destination] = Field(default_factory=list, description="Where result objects are sent: list of tables with ae_title, host, port, tls.")
     device_uid: str = Field(DEFAULT_DEVICE_UID, pattern=r"^[0-2](\.(0|[1-9][0-9]*))+$", max_length=64, description="Our device UID, stamped on our result objects so we never take them as inputs.")
     uid_root: str = Field("2.25", pattern=r"^[0-2](\.(0|[1-9][0-9]*))*$", max_length=40, description="UID root for the objects we create.")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Python logging level.")
@@ -145,3 +145,18 @@ def _describe(exc: ValidationError) -> str:
         shown = f" (got {value!r})" if isinstance(value, (str, int, float)) and key != "config" else ""
         lines.append(f"{key}: {error['msg']}{shown}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def reference_markdown() -> str:
+    """The configuration reference as a Markdown table, generated from :class:`Settings`.
+
+    README.md embeds it; a test keeps the two identical.
+    """
+    rows = ["| key | environment variable | default | meaning |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+        if isinstance(default, enum.Enum):
+            default = default.value
+        shown = "(none)" if default is None else f"`{default if isinstance(default, (str, Path)) and default != '' else repr(default)}`"
+        rows.append(f"| `{name}` | `SPINE_NODE_{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(rows) + "\n"

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import ssl
 import threading
+import time
 
 from pydicom import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -48,6 +50,14 @@ class ReceiverServer(ThreadedAssociationServer):
         sock, address = super().get_request()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop accepting, give running associations ``grace_s`` to finish, close the socket."""
+        socketserver.BaseServer.shutdown(self)
+        deadline = time.monotonic() + grace_s
+        while any(a.is_established for a in self.active_associations) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.server_close()
 
 
 def handle_echo(event: Event) -> int:
@@ -116,6 +126,7 @@ def make_ae(settings: Settings) -> AE:
     ae.require_called_aet = True
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = 0  # unlimited: the sender picks its largest PDU (dcmtk: 128 KiB)
+    ae.acse_timeout = 15  # a peer that connects and says nothing is dropped after this
     ae.network_timeout = 60
     ae.dimse_timeout = 60
     ae.add_supported_context(Verification)
@@ -138,7 +149,7 @@ def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def start_scp(settings: Settings, store: InstanceStore) -> ReceiverServer:
-    """Start listening in a background thread; ``server.shutdown()`` stops it."""
+    """Start listening in a background thread; ``server.stop()`` stops it."""
     ae = make_ae(settings)
     handlers = [
         (evt.EVT_C_ECHO, handle_echo),

@@ -29,8 +29,7 @@ def receive_until(settings: Settings, stop: threading.Event) -> None:
         try:
             stop.wait()
         finally:
-            server.shutdown()
-            server.server_close()
+            server.stop()
     finally:
         engine.dispose()
 
@@ -81,8 +80,7 @@ def serve(settings: Settings, stop: threading.Event, on_tick: Callable[[], None]
         LOGGER.info("stopping")
         for child in children:
             child.terminate()
-        server.shutdown()
-        server.server_close()
+        server.stop()
         for child in children:
             child.join(10)
         engine.dispose()

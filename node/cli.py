@@ -1,4 +1,8 @@
-"""``spine-node``: the one command line, and the composition root that wires the processes."""
+"""``spine-node``: the one command line, and the composition root that wires the processes.
+
+This is the one module of ``node`` that may import ``models`` and ``worker``; it does so inside
+the subcommands that need them, so the node's own commands start without loading them.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from rich.console import Console
 from node.admin import UnknownStudy, list_studies, requeue, show_study
 from node.config import ConfigError, Settings, load_settings, reference_markdown
 from node.db import make_engine, make_sessionmaker, migrate
+from node.demo import run_demo
 from node.schema import StudyState
 from node.service import configure_logging, serve
 from node.views import print_study, studies_table
@@ -56,6 +61,29 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--json", action="store_true", help="print JSON")
     cmd.set_defaults(run=_show)
 
+    cmd = commands.add_parser("demo", help="the main job end to end on this machine (embedded defaults)")
+    cmd.add_argument("--workdir", type=Path, default=Path("demo-out"), help="emptied and reused (default: demo-out)")
+    cmd.set_defaults(run=_demo)
+
+    cmd = commands.add_parser("phantom", help="write synthetic lumbar spine studies with ground truth")
+    cmd.add_argument("--out", type=Path, required=True, help="output folder")
+    cmd.add_argument("--studies", type=int, default=1, help="how many studies (default 1)")
+    cmd.add_argument("--seed", type=int, default=0, help="same seed, same studies (default 0)")
+    cmd.add_argument("--rsna", action="store_true", help="also write the RSNA 2024 layout and CSVs")
+    cmd.add_argument("--enhanced", action="store_true", help="multi-frame encoding (Legacy Converted Enhanced MR)")
+    cmd.add_argument("--compression", choices=["jpeg2000", "jpeg-ls", "rle"], help="compress pixel data")
+    cmd.add_argument("--reverse-order", action="store_true", help="InstanceNumber runs against slice position")
+    cmd.add_argument("--omit", default="", help="roles to leave out, comma separated (e.g. T2_AX,STIR_SAG)")
+    cmd.add_argument("--axial", choices=["random", "single", "multi"], default="random",
+                     help="axial T2 as one stack, one stack per disc, or either at random")
+    cmd.add_argument("--randomize", action="store_true", help="domain randomisation (random contrast, noise, artefacts)")
+    cmd.set_defaults(run=_phantom)
+
+    cmd = commands.add_parser("phantom-sheet", help="PNG contact sheet of one phantom study with its ground truth")
+    cmd.add_argument("study_dir", type=Path)
+    cmd.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    cmd.set_defaults(run=_phantom_sheet)
+
     cmd = commands.add_parser("config", help="print the configuration reference (Markdown)")
     cmd.set_defaults(run=lambda settings, args: print(reference_markdown(), end=""))
 
@@ -70,6 +98,30 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     serve(settings, stop)
+    return 0
+
+
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    from models.data.phantom import generate
+
+    return run_demo(lambda folder: generate(folder, studies=1, seed=0, progress=False, axial="single")[0],
+                    args.workdir, Console())
+
+
+def _phantom(settings: Settings, args: argparse.Namespace) -> int:
+    from models.data.phantom import generate
+
+    folders = generate(args.out, args.studies, args.seed, rsna=args.rsna, enhanced=args.enhanced,
+                       compression=args.compression, reverse_order=args.reverse_order, omit=args.omit,
+                       axial=args.axial, randomize=args.randomize)
+    print(f"{len(folders)} studies written to {args.out}")
+    return 0
+
+
+def _phantom_sheet(settings: Settings, args: argparse.Namespace) -> int:
+    from models.data.phantom import write_contact_sheet
+
+    print(f"contact sheet written to {write_contact_sheet(args.study_dir, args.out)}")
     return 0
 
 

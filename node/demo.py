@@ -21,7 +21,7 @@ from rich.progress import Progress
 from node.admin import show_study
 from node.config import Settings, load_settings
 from node.db import make_engine, make_sessionmaker
-from node.scu import echo, send_files
+from node.scu import send_files
 from node.service import serve
 from node.views import print_study
 
@@ -39,11 +39,12 @@ def run_demo(make_study: StudyMaker, workdir: Path, console: Console, timeout_s:
     console.print(f"phantom study: {len(files)} instances in {study_dir}")
 
     settings = demo_settings(workdir)
-    stop = threading.Event()
-    node = threading.Thread(target=serve, args=(settings, stop), name="node", daemon=True)
+    stop, started = threading.Event(), threading.Event()
+    node = threading.Thread(target=serve, args=(settings, stop, started), name="node", daemon=True)
     node.start()
     try:
-        _wait_until(lambda: echo("127.0.0.1", settings.port, settings.ae_title), timeout_s)
+        if not started.wait(timeout_s):
+            raise TimeoutError("the node did not start; see the log above")
         console.print(f"node {settings.ae_title} listening on 127.0.0.1:{settings.port} (embedded: SQLite, no broker)")
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("C-STORE to the node", total=len(files))

@@ -19,7 +19,15 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from node.config import Settings
 from node.store import InstanceStore, InvalidInstance, OutOfResources, UndecodableInstance
@@ -33,10 +41,13 @@ DATASET_DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
 PROCESSING_FAILURE = 0xC211
 
-#: Offered in this order: pynetdicom accepts the first of ours that the sender proposes, so
-#: Explicit VR Little Endian and the compressed syntaxes come before Implicit VR (no transcoding).
-TRANSFER_SYNTAXES = [ExplicitVRLittleEndian] + [
-    ts for ts in ALL_TRANSFER_SYNTAXES if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: Our preference when a sender offers several syntaxes for one context (pynetdicom takes the
+#: first of ours that is offered). Lossless compressed first, so compressed instances are kept
+#: as they are; then Explicit VR Little Endian, so uncompressed ones are never transcoded;
+#: then the rest (lossy ones after uncompressed, so nothing is made lossy on our account).
+LOSSLESS_COMPRESSED = [JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEG2000Lossless, RLELossless]
+TRANSFER_SYNTAXES = [*LOSSLESS_COMPRESSED, ExplicitVRLittleEndian] + [
+    ts for ts in ALL_TRANSFER_SYNTAXES if ts not in (*LOSSLESS_COMPRESSED, ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 ] + [ImplicitVRLittleEndian]
 
 

@@ -7,7 +7,6 @@ import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import Callable
 
 from node.config import Settings
 from node.db import make_engine, make_sessionmaker, migrate
@@ -50,10 +49,10 @@ def _receiver_process(settings: Settings, parent_pid: int) -> None:
     receive_until(settings, stop)
 
 
-def serve(settings: Settings, stop: threading.Event, on_tick: Callable[[], None] | None = None) -> None:
+def serve(settings: Settings, stop: threading.Event, started: threading.Event | None = None) -> None:
     """Migrate, start ``settings.receivers`` receivers, and run readiness until ``stop`` is set.
 
-    ``on_tick`` runs after each readiness check (the composition root hangs dispatch on it).
+    ``started`` is set once the port is open (the demo and embedding code wait on it).
     """
     migrate(settings.database_url)
     if not settings.allowed_callers:
@@ -69,12 +68,12 @@ def serve(settings: Settings, stop: threading.Event, on_tick: Callable[[], None]
     for child in children:
         child.start()
     readiness = Readiness(settings, sessions)
+    if started is not None:
+        started.set()
     poll = max(0.05, min(settings.quiet_period_s, MAX_POLL_S))
     try:
         while not stop.is_set():
             wait = readiness.check()
-            if on_tick is not None:
-                on_tick()
             stop.wait(poll if wait is None else min(max(wait, 0.05), poll))
     finally:
         LOGGER.info("stopping")

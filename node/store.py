@@ -204,9 +204,12 @@ class InstanceStore:
 def check_complete(ds: Dataset) -> None:
     """Raise UndecodableInstance if an element holds fewer bytes than its length says.
 
-    pydicom reads a short final element without complaint; a sender that stops mid-dataset
-    (a truncated file, a broken link) would otherwise be stored and acknowledged.
+    pydicom reads a short final element without complaint, and answers an end of data inside an
+    undefined-length element with an empty dataset and a warning; a sender that stops
+    mid-dataset (a truncated file, a broken link) would otherwise be stored or misreported.
     """
+    if len(ds) == 0:
+        raise UndecodableInstance("no data elements could be read (truncated or not DICOM)")
     for elem in ds.elements():
         if isinstance(elem, RawDataElement) and elem.value is not None and elem.length != 0xFFFFFFFF:
             if len(elem.value) != elem.length:

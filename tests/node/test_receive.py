@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE, _config
-from pynetdicom.sop_class import MRImageStorage, Verification
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 
 from tests.support.dicomgen import make_study
-from tests.support.services import NodeProcess, echo, store, wait_for
+from tests.support.services import NodeProcess, dataset_bytes, echo, send_raw, store, wait_for
 
 NodeFactory = Callable[..., NodeProcess]
 
@@ -35,13 +35,6 @@ def shown(node: NodeProcess, uid: str) -> dict[str, Any]:
 def stored_files(node: NodeProcess) -> list[Path]:
     storage = node.workdir / "storage"
     return sorted(p for p in storage.rglob("*") if p.is_file()) if storage.exists() else []
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """The bytes after the file meta group: what travelled over the network."""
-    data = path.read_bytes()
-    meta = dcmread(path, stop_before_pixels=True).file_meta
-    return data[132 + 12 + int(meta.FileMetaInformationGroupLength):]
 
 
 def test_a_study_is_stored_as_sent_and_indexed(node_factory: NodeFactory, database_url: str, tmp_path: Path) -> None:
@@ -189,20 +182,6 @@ def test_unknown_sop_class_has_no_presentation_context(node_factory: NodeFactory
     finally:
         assoc.release()
     assert_nothing_stored(node)
-
-
-def send_raw(port: int, path: Path) -> int:
-    """Send a file's dataset bytes exactly as they are on disk; return the C-STORE status."""
-    _config.STORE_SEND_CHUNKED_DATASET = True  # stream the file, never decode and re-encode it
-    ae = AE(ae_title="RAWSENDER")
-    ae.add_requested_context(MRImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title="SPINENODE")
-    assert assoc.is_established
-    try:
-        status = assoc.send_c_store(path)
-        return int(status.Status) if "Status" in status else -1
-    finally:
-        assoc.release()
 
 
 @pytest.mark.parametrize("drop", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])

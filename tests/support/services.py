@@ -19,6 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, _config
+
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -94,6 +98,29 @@ def store(port: int, paths: list[Path] | Path, called: str = "SPINENODE", callin
         [STORESCU, "-R", "+sd", "+r", "-aet", calling, "-aec", called, *(extra or []), "127.0.0.1", str(port), *targets],
         capture_output=True, text=True, env=DCMTK_ENV, timeout=120,
     )
+
+
+def send_raw(port: int, path: Path, transfer_syntax: str = ExplicitVRLittleEndian) -> int:
+    """Send a file's dataset bytes exactly as they are on disk; return the C-STORE status.
+
+    Unlike storescu, this sends truncated or odd files too: nothing is decoded on the way.
+    """
+    _config.STORE_SEND_CHUNKED_DATASET = True  # stream the file, never decode and re-encode it
+    ae = AE(ae_title="RAWSENDER")
+    ae.add_requested_context(read_file_meta_info(path).MediaStorageSOPClassUID, transfer_syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SPINENODE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+        return int(status.Status) if "Status" in status else -1
+    finally:
+        assoc.release()
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes after the file meta group: what travelled over the network."""
+    data = path.read_bytes()
+    return data[132 + 12 + int(read_file_meta_info(path).FileMetaInformationGroupLength):]
 
 
 class NodeProcess:

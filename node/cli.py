@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 
 from node.admin import UnknownStudy, list_studies, requeue, show_study
 from node.config import ConfigError, Settings, load_settings, reference_markdown
@@ -24,7 +23,7 @@ from node.db import make_engine, make_sessionmaker, migrate
 from node.demo import run_demo
 from node.schema import StudyState
 from node.service import configure_logging, serve
-from node.views import print_study, studies_table
+from node.views import make_console, print_study, studies_table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,7 +104,7 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     from models.data.phantom import generate
 
     return run_demo(lambda folder: generate(folder, studies=1, seed=0, progress=False, axial="single")[0],
-                    args.workdir, Console())
+                    args.workdir, make_console())
 
 
 def _phantom(settings: Settings, args: argparse.Namespace) -> int:
@@ -135,7 +134,7 @@ def _studies(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
         return 0
-    Console().print(studies_table(rows))
+    make_console().print(studies_table(rows))
     return 0
 
 
@@ -144,7 +143,7 @@ def _show(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(study)
         return 0
-    print_study(study, Console())
+    print_study(study, make_console())
     return 0
 
 

@@ -73,7 +73,7 @@ def alembic_config(database_url: str) -> Config:
 
 def migrate(database_url: str) -> None:
     """Bring the database to the newest schema (idempotent; run at every start)."""
-    LOGGER.info("migrating database schema to head")
+    LOGGER.debug("migrating database schema to head")
     command.upgrade(alembic_config(database_url), "head")
 
 

@@ -12,7 +12,7 @@ from node.config import Settings
 from node.db import make_engine, make_sessionmaker, migrate
 from node.readiness import Readiness
 from node.scp import start_scp
-from node.store import InstanceStore
+from node.store import InstanceStore, sweep_incoming
 
 LOGGER = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def serve(settings: Settings, stop: threading.Event, started: threading.Event | 
     ``started`` is set once the port is open (the demo and embedding code wait on it).
     """
     migrate(settings.database_url)
+    sweep_incoming(settings.storage_dir)
     if not settings.allowed_callers:
         LOGGER.warning("allowed_callers is empty: every calling AE title and host is admitted")
     engine = make_engine(settings.database_url)

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,10 @@ from node.schema import Event, Instance, Series, Study, StudyState
 from node.series import RoleDecision, classify_series
 
 LOGGER = logging.getLogger(__name__)
+
+
+#: Folder below storage_dir where instances are written before being renamed into place.
+INCOMING = ".incoming"
 
 
 class InvalidInstance(ValueError):
@@ -85,7 +90,8 @@ class InstanceStore:
         self.min_free_bytes = settings.min_free_disk_mb * 1024 * 1024
         self.device_uid = settings.device_uid
         self.sessions = sessions
-        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        self.incoming_dir = self.storage_dir / INCOMING
+        self.incoming_dir.mkdir(parents=True, exist_ok=True)
 
     def store(self, ds: Dataset, encoded: bytes, transfer_syntax_uid: str, calling_ae_title: str) -> Stored:
         """Store one received instance durably; return only once file and row are committed.
@@ -104,7 +110,7 @@ class InstanceStore:
         decision = None if series_known else classify_series(ds, self.device_uid)
         path = self.storage_dir / ids.relative_path()
         self._check_free_space(len(encoded))
-        created = write_durably(path, encoded)
+        created = write_durably(path, encoded, self.incoming_dir)
         try:
             with transaction(self.sessions) as session:
                 return self._index(session, ds, ids, decision, path, len(encoded), transfer_syntax_uid, calling_ae_title)
@@ -216,15 +222,17 @@ def check_complete(ds: Dataset) -> None:
                 raise UndecodableInstance(f"dataset truncated in {elem.tag}: {len(elem.value)} of {elem.length} bytes")
 
 
-def write_durably(path: Path, data: bytes) -> bool:
+def write_durably(path: Path, data: bytes, incoming_dir: Path) -> bool:
     """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename, fsync dir).
 
-    Returns False if the file already existed (a concurrent duplicate); it is then replaced
-    by identical bytes. A full disk raises :class:`OutOfResources`; nothing partial remains.
+    The temp file lives in ``incoming_dir`` (same file system), which :func:`sweep_incoming`
+    empties at start-up, so a crash mid-write leaves nothing in the store itself. Returns False
+    if the file already existed (a concurrent duplicate); it is then replaced by identical
+    bytes. A full disk raises :class:`OutOfResources`; nothing partial remains.
     """
     _make_dirs_durably(path.parent)
     existed = path.exists()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}.tmp")
+    tmp = incoming_dir / f"{path.name}.{os.getpid()}.{threading.get_ident():x}"
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -238,6 +246,17 @@ def write_durably(path: Path, data: bytes) -> bool:
         raise
     _fsync_dir(path.parent)
     return not existed
+
+
+def sweep_incoming(storage_dir: Path) -> int:
+    """Remove what a crash left half-written (never acknowledged); run before receivers start."""
+    incoming = storage_dir / INCOMING
+    leftovers = [p for p in incoming.iterdir() if p.is_file()] if incoming.is_dir() else []
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    if leftovers:
+        LOGGER.warning("removed %d half-written files left by an earlier crash", len(leftovers))
+    return len(leftovers)
 
 
 def _make_dirs_durably(directory: Path) -> None:

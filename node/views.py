@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
 
+def make_console() -> Console:
+    """A console that never cuts a UID: full width on a terminal, 240 columns when piped."""
+    return Console(width=None if sys.stdout.isatty() else 240)
+
+
 def studies_table(rows: list[dict[str, Any]]) -> Table:
     """The study list: one row per study with its state and counts."""
-    table = Table("study", "state", "series", "instances", "updated")
+    table = Table("state", "series", "instances", "updated (UTC)", "study")
+    table.columns[-1].no_wrap = True
     for row in rows:
-        table.add_row(row["study_instance_uid"], row["state"], str(row["series"]), str(row["instances"]), row["updated_at"])
+        table.add_row(row["state"], str(row["series"]), str(row["instances"]), _when(row["updated_at"]), row["study_instance_uid"])
     return table
 
 
@@ -25,11 +33,17 @@ def print_study(study: dict[str, Any], console: Console) -> None:
         series.add_row(str(s["series_number"] or ""), s["series_description"] or "", s["role"], str(s["instances"]), s["role_reason"])
     console.print(series)
     if study["jobs"]:
-        jobs = Table("job", "kind", "state", "partial", "created", "finished", title="jobs")
+        jobs = Table("job", "kind", "state", "partial", "created (UTC)", "finished (UTC)", title="jobs")
         for j in study["jobs"]:
-            jobs.add_row(str(j["id"]), j["kind"], j["state"], ", ".join(j["missing_roles"]) or "no", j["created_at"], j["finished_at"] or "")
+            jobs.add_row(str(j["id"]), j["kind"], j["state"], ", ".join(j["missing_roles"]) or "no", _when(j["created_at"]),
+                     _when(j["finished_at"]))
         console.print(jobs)
-    timeline = Table("at", "event", "by", "what", title="timeline")
+    timeline = Table("at (UTC)", "event", "by", "what", title="timeline")
     for e in study["timeline"]:
-        timeline.add_row(e["at"], e["kind"], e["actor"], e["message"])
+        timeline.add_row(_when(e["at"]), e["kind"], e["actor"], e["message"])
     console.print(timeline)
+
+
+def _when(iso: str | None) -> str:
+    """An ISO timestamp as 'YYYY-MM-DD HH:MM:SS.mmm' (UTC), compact for tables."""
+    return iso.replace("T", " ")[:23] if iso else ""

@@ -104,7 +104,10 @@ def test_timers_are_rebuilt_after_a_crash(node_factory: NodeFactory, database_ur
     assert store(node.port, tmp_path / "study").returncode == 0
     node.kill()  # acknowledged, quiet period not yet over
     assert shown(node, study.study_instance_uid)["state"] == "RECEIVING"
+    half_written = node.workdir / "storage" / ".incoming" / "1.2.3.dcm.999.1"
+    half_written.write_bytes(b"DICM, interrupted")
     node.start()
+    assert not half_written.exists()
     detail = wait_for(lambda: (d := shown(node, study.study_instance_uid))["state"] == "READY" and d, 30, "READY")
     assert len(detail["jobs"]) == 1 and detail["series"][0]["instances"] == 3
 

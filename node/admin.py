@@ -102,7 +102,7 @@ def requeue(sessions: sessionmaker[Session], study_instance_uid: str, actor: str
         earlier = session.scalar(select(func.count(Job.id)).where(Job.study_id == study.id, Job.kind == JobKind.GRADE.value))
         cancel_open_jobs(session, study.id, JobKind.GRADE)
         missing = missing_roles(roles)
-        job = Job(study_id=study.id, kind=JobKind.GRADE.value, input_key=f"{count}:{last}:requeue-{earlier + 1}",
+        job = Job(study_id=study.id, kind=JobKind.GRADE.value, input_key=f"{count}:{last}:requeue-{(earlier or 0) + 1}",
                   partial=bool(missing), missing_roles=missing)
         session.add(job)
         previous = study.state

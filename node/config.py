@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -122,11 +122,12 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 
     Raises :class:`ConfigError` naming every bad key, so start-up stops with a clear message.
     """
-    settings_cls = Settings
+    settings_cls: type[Settings] = Settings
     if config_file is not None:
         if not config_file.is_file():
             raise ConfigError(f"config file not found: {config_file}")
-        settings_cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": config_file}})
+        file_config = {**Settings.model_config, "toml_file": config_file}
+        settings_cls = cast(type[Settings], type("Settings", (Settings,), {"model_config": file_config}))
     try:
         loaded = settings_cls(**overrides)
         return loaded if settings_cls is Settings else Settings(**loaded.model_dump())

@@ -11,6 +11,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -83,11 +84,8 @@ def insert_ignore(session: Session, model: type[Any], values: dict[str, Any], un
     Uses ON CONFLICT DO NOTHING, so concurrent receivers never fail on a duplicate key.
     """
     dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
+    inserts: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+    if dialect not in inserts:
         raise NotImplementedError(f"unsupported database: {dialect}")
-    stmt = insert(model).values(**values).on_conflict_do_nothing(index_elements=[unique_column])
+    stmt = inserts[dialect](model).values(**values).on_conflict_do_nothing(index_elements=[unique_column])
     return session.scalar(stmt.returning(model.id))

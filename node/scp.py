@@ -13,11 +13,12 @@ import socketserver
 import ssl
 import threading
 import time
+from typing import Any, cast
 
 from pydicom import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from pydicom.uid import (
     ExplicitVRLittleEndian,
@@ -123,7 +124,7 @@ def handle_requested(event: Event, settings: Settings) -> None:
     if not settings.allowed_callers:
         return
     requestor = event.assoc.requestor
-    calling = requestor.primitive.calling_ae_title  # requestor.ae_title is set only after this event
+    calling = requestor.primitive.calling_ae_title if requestor.primitive else ""  # ae_title is set after this event
     if any(caller.admits(calling, requestor.address) for caller in settings.allowed_callers):
         return
     LOGGER.warning("rejected association from %s at %s: not on the allowlist", calling, requestor.address)
@@ -142,7 +143,7 @@ def make_ae(settings: Settings) -> AE:
     ae.dimse_timeout = 60
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
     return ae
 
 
@@ -162,17 +163,17 @@ def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 def start_scp(settings: Settings, store: InstanceStore) -> ReceiverServer:
     """Start listening in a background thread; ``server.stop()`` stops it."""
     ae = make_ae(settings)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [store]),
         (evt.EVT_REQUESTED, handle_requested, [settings]),
     ]
-    server: ReceiverServer = ae.make_server(
+    server = cast(ReceiverServer, ae.make_server(
         (settings.host, settings.port),
         evt_handlers=handlers,
         ssl_context=make_ssl_context(settings),
         server_class=ReceiverServer,
-    )
+    ))
     threading.Thread(target=server.serve_forever, name="scp-acceptor", daemon=True).start()
     LOGGER.info("listening as %s on %s:%d%s", settings.ae_title, *server.server_address[:2],
                 " (TLS)" if settings.tls else "")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 #: Send each file's dataset bytes as stored (no decode and re-encode on the way out).
 _config.STORE_SEND_CHUNKED_DATASET = True
@@ -57,7 +57,8 @@ def send_files(
     if not assoc.is_established:
         raise AssociationFailed(f"association with {called_ae_title}@{host}:{port} failed"
                                 f" ({'rejected' if assoc.is_rejected else 'aborted or unreachable'})")
-    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     results = []
     try:
         for path in files:

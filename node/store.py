@@ -14,6 +14,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
@@ -133,7 +134,7 @@ class InstanceStore:
         study_id = insert_ignore(session, Study, {"study_instance_uid": ids.study_instance_uid}, "study_instance_uid")
         new_study = study_id is not None
         if study_id is None:
-            study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == ids.study_instance_uid))
+            study_id = session.scalars(select(Study.id).where(Study.study_instance_uid == ids.study_instance_uid)).one()
             self._reopen(session, study_id)
         else:
             session.add(Event(study_id=study_id, kind="study_created", message=f"first instance from {calling_ae_title}"))
@@ -174,7 +175,7 @@ class InstanceStore:
         }
         series_id = insert_ignore(session, Series, values, "series_instance_uid")
         if series_id is None:
-            return session.scalar(select(Series.id).where(Series.series_instance_uid == ids.series_instance_uid)), False
+            return session.scalars(select(Series.id).where(Series.series_instance_uid == ids.series_instance_uid)).one(), False
         session.add(
             Event(
                 study_id=study_id,
@@ -279,8 +280,8 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _int_or_none(value: object) -> int | None:
+def _int_or_none(value: Any) -> int | None:
     try:
-        return int(value)  # type: ignore[arg-type]
+        return int(value)
     except (TypeError, ValueError):
         return None

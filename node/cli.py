@@ -69,8 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--studies", type=int, default=1, help="how many studies (default 1)")
     cmd.add_argument("--seed", type=int, default=0, help="same seed, same studies (default 0)")
     cmd.add_argument("--rsna", action="store_true", help="also write the RSNA 2024 layout and CSVs")
-    cmd.add_argument("--enhanced", action="store_true", help="multi-frame encoding (Legacy Converted Enhanced MR)")
-    cmd.add_argument("--compression", choices=["jpeg2000", "jpeg-ls", "rle"], help="compress pixel data")
+    cmd.add_argument("--enhanced", action="store_true", help="Enhanced MR multi-frame encoding")
+    cmd.add_argument("--compression", choices=["jpeg-lossless", "jpeg-ls", "jpeg2000", "rle"], help="compress pixel data")
     cmd.add_argument("--reverse-order", action="store_true", help="InstanceNumber runs against slice position")
     cmd.add_argument("--omit", default="", help="roles to leave out, comma separated (e.g. T2_AX,STIR_SAG)")
     cmd.add_argument("--axial", choices=["random", "single", "multi"], default="random",

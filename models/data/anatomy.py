@@ -72,6 +72,15 @@ EPIDURAL_POSTERIOR = 3.0  # mm, nominal posterior epidural fat
 LF_THICKNESS = 3.4  # mm, nominal ligamentum flavum (reference 1.5)
 ROOT_RADIUS = 2.3  # mm, exiting root radius in the foramen (reference 1.4)
 TRAVERSING_RADIUS = 1.8  # mm, traversing root in the lateral recess
+SECTION_POWER = (2.5, 4.0)  # superellipse exponents of body/disc sections: anterior, posterior half
+# Posterior concavity of the disc cross-section (fraction of its half depth), per disc [U]:
+# kidney-shaped L1-L4 discs, a flat L5-S1 disc.
+_DISC_CONCAVITY = {"L5-S1": 0.03, "S1-S2": 0.0, "S2-S3": 0.0}
+ENDPLATE_CRANIAL = 1.5  # mm, central depth of a body's cranial endplate concavity (reference 1.1)
+ENDPLATE_CAUDAL = 0.7  # mm, the same for the caudal endplate
+BODY_CONCAVITY = 0.12  # posterior body concavity (basivertebral notch), fraction of half depth [U]
+# Facet joint angle to the sagittal plane (deg) per disc [U]: more coronal caudally.
+_FACET_ANGLE = {"L5-S1": 50.0, "L4-L5": 45.0, "L3-L4": 40.0, "L2-L3": 33.0, "L1-L2": 28.0}
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,8 @@ class Level:
     wedge: float
     depth: float
     width: float
+    concavity: float
+    facet_angle: float
     nucleus_t2_scale: float
     bulge_central: float
     lf_front: float
@@ -126,6 +137,7 @@ class Vertebra:
     interpedicular: float
     pedicle_width: float
     lamina_front: float
+    concavity: float
 
 
 @dataclass(frozen=True)
@@ -177,16 +189,28 @@ class Spine:
 
     def straighten(self, y: np.ndarray, z: np.ndarray, iterations: int = 2) -> tuple[np.ndarray, np.ndarray]:
         """Arc length s and posterior offset v (mm) of sagittal-plane points (y, z) in patient mm."""
-        s = np.interp(z, self.centre[:, 2], self.s)
+        s = np.interp(z, self.centre[:, 2], self.s).astype(z.dtype)
         for _ in range(iterations):
-            th = np.interp(s, self.s, self.theta)
-            dy = y - np.interp(s, self.s, self.centre[:, 1])
-            dz = z - np.interp(s, self.s, self.centre[:, 2])
-            s = s + (-np.sin(th) * dy + np.cos(th) * dz)
-        th = np.interp(s, self.s, self.theta)
-        dy = y - np.interp(s, self.s, self.centre[:, 1])
-        dz = z - np.interp(s, self.s, self.centre[:, 2])
-        return s, np.cos(th) * dy + np.sin(th) * dz
+            th, cy, cz = self._along(s)
+            s = s + (-np.sin(th) * (y - cy) + np.cos(th) * (z - cz))
+        th, cy, cz = self._along(s)
+        return s, np.cos(th) * (y - cy) + np.sin(th) * (z - cz)
+
+    def centre_y(self, s: np.ndarray) -> np.ndarray:
+        """Patient y (mm) of the centreline at arc lengths s (mm)."""
+        return self._along(s)[1]
+
+    def _along(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Tangent angle (rad), centre y and z (mm) at arc lengths s: linear on the uniform table."""
+        dt = s.dtype.type
+        u = np.clip((s - dt(self.s[0])) * dt(1.0 / (self.s[1] - self.s[0])), 0.0, len(self.s) - 1.0001)
+        i = u.astype(np.int32)
+        w = u - i
+        out = []
+        for table in (self.theta, self.centre[:, 1], self.centre[:, 2]):
+            t0 = table.astype(s.dtype)
+            out.append(t0[i] + (t0[i + 1] - t0[i]) * w)
+        return out[0], out[1], out[2]
 
 
 def _layout(rng: np.random.Generator, size: float, degeneration: np.ndarray) -> tuple[dict, dict]:
@@ -237,7 +261,7 @@ def _centreline(
 
 
 def _side(
-    sign: int, level: str, truth: dict[str, ConditionTruth], sc: float, h: float, disc: tuple[float, float],
+    sign: int, level: str, truth: dict[str, ConditionTruth], sc: float, h: float, disc: tuple[float, float, float],
     vert_above: Vertebra, bulge_central: float,
 ) -> Side:
     """Place one side's recess, foramen, bulges, SAP and exiting root to match the truth (mm)."""
@@ -249,11 +273,11 @@ def _side(
     fat = truth[f"{side}_neural_foraminal_narrowing"]
     loss = max(fat.nominal - fat.measurement, 0.0)
     bulge_for = 0.5 * loss
-    front_recess = footprint_half(recess_x, disc[0] / 2, disc[1] / 2) + float(
+    front_recess = section_half(recess_x, disc[0] / 2, disc[1] / 2, disc[2]) + float(
         bulge_at(recess_x, bulge_central, bulge_para, recess_x, bulge_for, foramen_x)
     )
     root_s = sc + h / 2 + ROOT_RADIUS + 0.5
-    front_foramen = footprint_half(foramen_x, vert_above.depth / 2, vert_above.width / 2) + bulge_weight(
+    front_foramen = section_half(foramen_x, vert_above.depth / 2, vert_above.width / 2, vert_above.concavity) + bulge_weight(
         root_s - sc, h
     ) * float(bulge_at(foramen_x, bulge_central, bulge_para, recess_x, bulge_for, foramen_x))
     c_ant = fat.nominal / 2 - 0.5 * loss
@@ -262,15 +286,25 @@ def _side(
     root_v = front_foramen + (max(c_ant, 0.0) + root_r_ap if fat.measurement >= 0 else width / 2)
     return Side(
         sign=sign, recess_x=recess_x, recess_depth=recess.measurement, bulge_paracentral=bulge_para,
-        sap_front_recess=front_recess + recess.measurement, foramen_x=foramen_x, bulge_foraminal=bulge_for,
-        root_s=root_s, root_v=root_v, root_r_ap=root_r_ap, sap_front_foramen=front_foramen + width,
+        sap_front_recess=float(front_recess + recess.measurement), foramen_x=foramen_x, bulge_foraminal=bulge_for,
+        root_s=root_s, root_v=float(root_v), root_r_ap=root_r_ap, sap_front_foramen=float(front_foramen + width),
     )
 
 
-def footprint_half(x: np.ndarray | float, half_depth: float | np.ndarray, half_width: float | np.ndarray) -> np.ndarray:
-    """Half AP extent (mm) of a body/disc cross-section at lateral distance x (superellipse p=3)."""
+def concavity_at(x: np.ndarray | float, concavity: float | np.ndarray, half_width: float | np.ndarray) -> np.ndarray:
+    """Anterior indent (mm) of a posterior border at lateral distance x (mm): Gaussian, 0.3 half width."""
+    return concavity * np.exp(-((np.asarray(x) / (0.3 * np.asarray(half_width))) ** 2))
+
+
+def section_half(x: np.ndarray | float, half_depth: float | np.ndarray, half_width: float | np.ndarray, concavity: float | np.ndarray = 0.0) -> np.ndarray:
+    """Posterior half AP extent (mm) of a body/disc cross-section at lateral distance x (mm).
+
+    The posterior half is a superellipse (SECTION_POWER[1]) indented by ``concavity`` mm at the
+    midline: the kidney shape of lumbar bodies and discs.
+    """
     r = np.minimum(np.abs(x) / half_width, 1.0)
-    return half_depth * np.cbrt(1.0 - r * r * r)
+    power = SECTION_POWER[1]
+    return half_depth * (1.0 - r**power) ** (1.0 / power) - concavity_at(x, concavity, half_width)
 
 
 def bulge_weight(ds: np.ndarray | float, height: float | np.ndarray) -> np.ndarray | float:
@@ -279,7 +313,10 @@ def bulge_weight(ds: np.ndarray | float, height: float | np.ndarray) -> np.ndarr
     return np.exp(-((excess / 3.5) ** 2))
 
 
-def bulge_at(x: np.ndarray | float, central: float, para: float, recess_x: float, foraminal: float, foramen_x: float) -> np.ndarray | float:
+def bulge_at(
+    x: np.ndarray | float, central: np.ndarray | float, para: np.ndarray | float, recess_x: np.ndarray | float,
+    foraminal: np.ndarray | float, foramen_x: np.ndarray | float,
+) -> np.ndarray | float:
     """Posterior disc bulge (mm) at lateral distance |x| (mm) for one side's bulge amplitudes."""
     ax = np.abs(x)
     return (
@@ -290,7 +327,7 @@ def bulge_at(x: np.ndarray | float, central: float, para: float, recess_x: float
 
 
 def _level(
-    name: str, sc: float, h: float, wedge: float, disc: tuple[float, float], vert_above: Vertebra,
+    name: str, sc: float, h: float, wedge: float, disc: tuple[float, float, float], vert_above: Vertebra,
     truth: dict[str, ConditionTruth], size: float, degeneration: float,
 ) -> Level:
     """Place one level's sac, bulge and ligamentum flavum so the truth holds at the disc (mm)."""
@@ -303,14 +340,15 @@ def _level(
     epi_ant = EPIDURAL_ANTERIOR * min(max((scs.measurement - 70.0) / 80.0, 0.0), 1.0)
     freed = 2 * (r_ap0 - r_ap) + (EPIDURAL_POSTERIOR - fat_post) + (EPIDURAL_ANTERIOR - epi_ant)
     bulge = 0.5 + 0.5 * freed
-    sac_front = disc[0] / 2 + bulge + epi_ant
+    sac_front = float(section_half(0.0, disc[0] / 2, disc[1] / 2, disc[2])) + bulge + epi_ant
     sac_v = sac_front + r_ap
     lf_front = sac_v + r_ap + fat_post
     lf = LF_THICKNESS + 0.5 * freed
     left = _side(1, name, truth, sc, h, disc, vert_above, bulge)
     right = _side(-1, name, truth, sc, h, disc, vert_above, bulge)
     return Level(
-        name=name, s_centre=sc, height=h, wedge=wedge, depth=disc[0], width=disc[1],
+        name=name, s_centre=sc, height=h, wedge=wedge, depth=disc[0], width=disc[1], concavity=disc[2],
+        facet_angle=math.radians(_FACET_ANGLE.get(name, 25.0)),
         nucleus_t2_scale=1.0 - 0.55 * degeneration, bulge_central=bulge, lf_front=lf_front, lf_thickness=lf,
         sac_v=sac_v, sac_r_ap=r_ap, sac_r_lr=r_lr, sac_r_ap0=r_ap0, sac_r_lr0=r_lr0, left=left, right=right,
     )
@@ -356,6 +394,7 @@ def sample_spine(rng: np.random.Generator, label_noise: float = 0.03) -> Spine:
             name=v, s_centre=vert_layout[v][0], height=vert_layout[v][1], depth=_BODY[v][1] * size,
             width=_BODY[v][2] * size, interpedicular=_PEDICLE[v][0] * size, pedicle_width=_PEDICLE[v][1] * size,
             lamina_front=_BODY[v][1] * size / 2 + canal_ap * (0.6 if v.startswith("S") else 1.0),
+            concavity=BODY_CONCAVITY * _BODY[v][1] * size / 2 * (0.3 if v.startswith("S") else 1.0),
         )
         for v in VERTEBRAE
     )
@@ -369,10 +408,12 @@ def sample_spine(rng: np.random.Generator, label_noise: float = 0.03) -> Spine:
         lt = truth[name] if name in LEVELS else _nominal_truth(name, size)
         deg = degeneration[LEVELS.index(name)] if name in LEVELS else 0.1
         wedge = max(math.radians(_DISC[name][1]) - 0.45 * math.radians(abs(_LORDOSIS_WEIGHT[name]) * lordosis / 76.0), 0.0)
-        levels.append(_level(name, sc, h, math.tan(wedge), (depth, width), above, lt, size, deg))
+        concavity = _DISC_CONCAVITY.get(name, 0.15) * depth / 2
+        levels.append(_level(name, sc, h, math.tan(wedge), (depth, width, concavity), above, lt, size, deg))
+    fat_back = float(rng.uniform(8, 40))
     torso = Torso(
         half_width=float(rng.uniform(140, 180)), half_depth=float(rng.uniform(95, 130)),
-        back_offset=float(rng.uniform(85, 105) * size), fat_back=float(rng.uniform(8, 40)),
+        back_offset=float(72.0 * size + fat_back + rng.uniform(0, 12)), fat_back=fat_back,
         fat_side=float(rng.uniform(10, 45)), paraspinal_scale=float(rng.uniform(0.85, 1.15)),
         psoas_scale=float(rng.uniform(0.8, 1.2)),
     )

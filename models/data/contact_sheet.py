@@ -27,15 +27,21 @@ def _slices(folder: Path) -> list[tuple[pydicom.Dataset, np.ndarray]]:
         ds = pydicom.dcmread(f)
         pixels = ds.pixel_array.astype(np.float32)
         if "PerFrameFunctionalGroupsSequence" in ds:
+            shared = ds.SharedFunctionalGroupsSequence[0]
             for k, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
                 fd = pydicom.Dataset()
-                fd.ImagePositionPatient = frame.PlanePositionSequence[0].ImagePositionPatient
-                fd.ImageOrientationPatient = frame.PlaneOrientationSequence[0].ImageOrientationPatient
-                fd.PixelSpacing = frame.PixelMeasuresSequence[0].PixelSpacing
+                fd.ImagePositionPatient = _group(frame, shared, "PlanePositionSequence").ImagePositionPatient
+                fd.ImageOrientationPatient = _group(frame, shared, "PlaneOrientationSequence").ImageOrientationPatient
+                fd.PixelSpacing = _group(frame, shared, "PixelMeasuresSequence").PixelSpacing
                 out.append((fd, pixels[k]))
         else:
             out.append((ds, pixels))
     return out
+
+
+def _group(frame: pydicom.Dataset, shared: pydicom.Dataset, name: str) -> pydicom.Dataset:
+    """The item of functional group ``name`` for a frame: per-frame if present, else shared."""
+    return (frame if name in frame else shared)[name][0]
 
 
 def _pixel(ds: pydicom.Dataset, p: np.ndarray) -> tuple[float, float, float]:

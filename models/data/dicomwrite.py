@@ -1,9 +1,10 @@
 """DICOM encoding of phantom series: headers like a scanner's (reference section 4).
 
 Modelling choices:
-- MR Image Storage, one file per slice, by default; optionally Legacy Converted Enhanced MR
-  (multi-frame, built by highdicom from the single-frame datasets), and optionally compressed
-  (JPEG 2000 lossless, JPEG-LS lossless or RLE lossless; pydicom's encoders).
+- MR Image Storage, one file per slice, by default (Enhanced MR multi-frame is ``enhanced.py``),
+  optionally compressed: JPEG 2000 lossless, JPEG-LS lossless or RLE lossless with pydicom's
+  encoders, JPEG Lossless SV1 with GDCM (``ljpeg.py``).
+- The elements a series' slices share are encoded once and copied raw into every slice.
 - Vendors: Siemens, GE, Philips and United Imaging, each with its own SeriesDescription,
   SequenceName and model vocabulary; one vendor per study.
 - UIDs are derived from the seed, study index and roles (pydicom ``generate_uid`` with entropy
@@ -14,25 +15,30 @@ Modelling choices:
 from __future__ import annotations
 
 import datetime as dt
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from highdicom.legacy import LegacyConvertedEnhancedMRImage
+import pydicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     JPEG2000Lossless,
     JPEGLSLossless,
+    JPEGLosslessSV1,
     MRImageStorage,
     RLELossless,
     ExplicitVRLittleEndian,
     generate_uid,
 )
 
+from models.data.ljpeg import encode_frame
 from models.data.render import Stack
 from models.data.tissues import Sequence, Weighting
 
-COMPRESSIONS = {"jpeg2000": JPEG2000Lossless, "jpeg-ls": JPEGLSLossless, "rle": RLELossless}
+COMPRESSIONS = {"jpeg2000": JPEG2000Lossless, "jpeg-ls": JPEGLSLossless, "rle": RLELossless, "jpeg-lossless": JPEGLosslessSV1}
 
 # Per vendor: manufacturer, models, SeriesDescription per role, sequence names per weighting.
 VENDORS: dict[str, dict] = {
@@ -138,11 +144,10 @@ def _sequence_tags(ds: Dataset, seq: Sequence, vendor: str) -> None:
     ds.FlipAngle = seq.flip_angle
 
 
-def _base(study: StudyHeader, series: SeriesInfo) -> Dataset:
-    """Patient, study, series, equipment and frame-of-reference modules."""
+def common_dataset(study: StudyHeader, series: SeriesInfo) -> Dataset:
+    """Patient, study, series, equipment, frame-of-reference and image pixel modules."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = MRImageStorage
     ds.PatientName = study.patient_name
     ds.PatientID = study.patient_id
     ds.PatientBirthDate = study.birth_date
@@ -151,9 +156,9 @@ def _base(study: StudyHeader, series: SeriesInfo) -> Dataset:
     ds.PatientWeight = study.weight
     ds.PatientSize = study.height
     ds.StudyInstanceUID = study.study_instance_uid
-    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = study.study_date
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = study.study_date
     ds.StudyTime = study.study_time
-    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = f"{study.study_time[:2]}{(int(study.study_time[2:4]) + series.number) % 60:02d}00"
+    ds.SeriesTime = ds.ContentTime = series_time(study, series)
     ds.ReferringPhysicianName = ""
     ds.StudyID = study.accession[-6:]
     ds.AccessionNumber = study.accession
@@ -173,8 +178,6 @@ def _base(study: StudyHeader, series: SeriesInfo) -> Dataset:
     ds.StationName = "PHANTOM01"
     ds.SoftwareVersions = "spine-node phantom 1"
     ds.DeviceSerialNumber = "0000"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
-    _sequence_tags(ds, series.sequence, study.vendor)
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = 16
@@ -182,6 +185,22 @@ def _base(study: StudyHeader, series: SeriesInfo) -> Dataset:
     ds.HighBit = 11
     ds.PixelRepresentation = 0
     ds.BurnedInAnnotation = "NO"
+    return ds
+
+
+def series_time(study: StudyHeader, series: SeriesInfo) -> str:
+    """Series (and acquisition) time, HHMMSS: the study time plus a minute per series number."""
+    return f"{study.study_time[:2]}{(int(study.study_time[2:4]) + series.number) % 60:02d}00"
+
+
+def _base(study: StudyHeader, series: SeriesInfo) -> Dataset:
+    """Common modules plus the MR Image module of single-frame MR Image Storage."""
+    ds = common_dataset(study, series)
+    ds.SOPClassUID = MRImageStorage
+    ds.AcquisitionDate = study.study_date
+    ds.AcquisitionTime = series_time(study, series)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+    _sequence_tags(ds, series.sequence, study.vendor)
     return ds
 
 
@@ -194,56 +213,75 @@ def to_pixels(images: list[np.ndarray], rng: np.random.Generator) -> tuple[list[
     return pixels, round(top / 2, 1), round(max(top, 1.0), 1)
 
 
+def _series_template(study: StudyHeader, series: SeriesInfo, window: tuple[float, float]) -> Dataset:
+    """Elements shared by every slice of a series, encoded once and read back as raw elements."""
+    ds = _base(study, series)
+    stack = series.stacks[0]
+    ds.SOPInstanceUID = uid(study.uid_root, series.role, series.number, "template")
+    ds.InstanceNumber = 1
+    ds.AcquisitionNumber = 1
+    ds.PixelSpacing = [round(stack.pixel_spacing[0], 6), round(stack.pixel_spacing[1], 6)]
+    ds.SliceThickness = stack.thickness
+    ds.SpacingBetweenSlices = stack.spacing
+    ds.AcquisitionMatrix = [0, stack.acq_cols, stack.acq_rows, 0]
+    ds.InPlanePhaseEncodingDirection = "COL" if series.role == "T2_AX" else "ROW"
+    ds.Rows, ds.Columns = stack.rows, stack.cols
+    ds.WindowCenter, ds.WindowWidth = window
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return pydicom.dcmread(buffer)
+
+
+def _from_template(template: Dataset) -> Dataset:
+    """A new dataset holding the template's (raw, still encoded) elements and encoding."""
+    ds = Dataset({tag: template.get_item(tag) for tag in template.keys()})
+    ds.set_original_encoding(False, True, template.original_character_set)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
 def instance_datasets(study: StudyHeader, series: SeriesInfo, pixels: list[np.ndarray], window: tuple[float, float], reverse: bool) -> list[Dataset]:
     """One MR Image dataset per slice, instance numbers in acquisition order (or reversed)."""
     slices = [(k, i) for k, stack in enumerate(series.stacks) for i in range(len(stack.positions))]
+    template = _series_template(study, series, window)
     out = []
     for n, (k, i) in enumerate(slices):
         stack = series.stacks[k]
-        ds = _base(study, series)
-        number = len(slices) - n if reverse else n + 1
+        ds = _from_template(template)
         ds.SOPInstanceUID = uid(study.uid_root, series.role, series.number, "instance", n)
-        ds.InstanceNumber = number
-        ds.AcquisitionNumber = 1
+        ds.InstanceNumber = len(slices) - n if reverse else n + 1
         ds.ImagePositionPatient = [round(float(c), 4) for c in stack.positions[i]]
         ds.ImageOrientationPatient = [round(float(c), 6) for c in (*stack.row_dir, *stack.col_dir)]
-        ds.PixelSpacing = [round(stack.pixel_spacing[0], 6), round(stack.pixel_spacing[1], 6)]
-        ds.SliceThickness = stack.thickness
-        ds.SpacingBetweenSlices = stack.spacing
         ds.SliceLocation = round(float(np.dot(stack.positions[i], stack.normal)), 4)
-        ds.AcquisitionMatrix = [0, stack.acq_cols, stack.acq_rows, 0]
-        ds.InPlanePhaseEncodingDirection = "COL" if series.role == "T2_AX" else "ROW"
-        ds.Rows, ds.Columns = stack.rows, stack.cols
-        ds.WindowCenter, ds.WindowWidth = window
-        ds.PixelData = pixels[k][i].tobytes()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds["PixelData"] = DataElement(0x7FE00010, "OW", pixels[k][i].tobytes())
         out.append(ds)
     return out
 
 
-def save(ds: Dataset, path: Path, compression: str | None) -> Path:
-    """Write ``ds`` as a DICOM file, compressed when asked."""
-    if compression is not None:
-        ds.compress(COMPRESSIONS[compression])
-    ds.save_as(path, enforce_file_format=True)
-    return path
+def compress(ds: Dataset, frames: np.ndarray, compression: str | None) -> None:
+    """Replace the pixel data of ``ds`` by its ``frames`` (n, rows, cols) compressed losslessly."""
+    if compression is None:
+        return
+    if compression != "jpeg-lossless":
+        ds.compress(COMPRESSIONS[compression], frames if len(frames) > 1 else frames[0])
+        return
+    ds.PixelData = encapsulate([encode_frame(f, int(ds.BitsStored)) for f in frames], has_bot=len(frames) > 1)
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
 
 
-def write_series(folder: Path, study: StudyHeader, series: SeriesInfo, pixels: list[np.ndarray], window: tuple[float, float], reverse: bool = False, compression: str | None = None, enhanced: bool = False) -> list[Path]:
-    """Write one series as single-frame files (or one multi-frame file); returns the paths."""
+def write_series(folder: Path, study: StudyHeader, series: SeriesInfo, pixels: list[np.ndarray], window: tuple[float, float], reverse: bool = False, compression: str | None = None) -> list[Path]:
+    """Write one series as single-frame MR Image files; returns the paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    datasets = instance_datasets(study, series, pixels, window, reverse)
-    if enhanced:
-        multi = LegacyConvertedEnhancedMRImage(
-            sorted(datasets, key=lambda d: d.InstanceNumber), series.series_instance_uid, series.number,
-            uid(study.uid_root, series.role, series.number, "enhanced"), 1,
-            transfer_syntax_uid=COMPRESSIONS[compression] if compression else ExplicitVRLittleEndian,
-        )
-        multi.BodyPartExamined = "LSPINE"
-        if "ReferencedSeriesSequence" in multi:
-            del multi.ReferencedSeriesSequence
-        path = folder / "1.dcm"
-        multi.save_as(path, enforce_file_format=True)
-        return [path]
-    return [save(ds, folder / f"{ds.InstanceNumber}.dcm", compression) for ds in datasets]
+    frames = [frame for stack in pixels for frame in stack]
+    paths = []
+    for ds, frame in zip(instance_datasets(study, series, pixels, window, reverse), frames):
+        compress(ds, frame[None], compression)
+        path = folder / f"{ds.InstanceNumber}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import track
 
-from models.data import dicomwrite, geometry
+from models.data import dicomwrite, enhanced, geometry
 from models.data.contact_sheet import write_contact_sheet
 from models.data.anatomy import ROOT_RADIUS, Spine, sample_spine
 from models.data.pathology import CONDITIONS, LEVELS, measure_for
@@ -192,7 +192,8 @@ def generate_study(out: Path, seed: int, index: int, opts: PhantomOptions) -> Pa
         )
         pixels, centre, width = dicomwrite.to_pixels(images[role], rng)
         folder = study_dir / _folder_name(number, info.description)
-        paths = dicomwrite.write_series(folder, header, info, pixels, (centre, width), opts.reverse_order, opts.compression, opts.enhanced)
+        write = enhanced.write_enhanced if opts.enhanced else dicomwrite.write_series
+        paths = write(folder, header, info, pixels, (centre, width), opts.reverse_order, opts.compression)
         series_truth.append({
             "series_instance_uid": info.series_instance_uid, "role": role, "series_number": number,
             "series_description": info.description, "folder": folder.name, "files": len(paths),
@@ -213,7 +214,8 @@ def generate_study(out: Path, seed: int, index: int, opts: PhantomOptions) -> Pa
 def generate(out: Path, studies: int, seed: int, rsna: bool = False, progress: bool = True, **options) -> list[Path]:
     """Write ``studies`` phantom studies under ``out``; ``rsna`` adds the RSNA 2024 layout.
 
-    Options: enhanced (bool), compression ('jpeg2000' | 'jpeg-ls' | 'rle' | None),
+    Options: enhanced (bool, Enhanced MR multi-frame), compression ('jpeg2000' | 'jpeg-ls' | 'rle' |
+    'jpeg-lossless' | None),
     reverse_order (bool), omit (roles), axial ('random' | 'multi' | 'single'), randomize (bool),
     sag_matrix, ax_matrix (reconstruction matrices), subslices (through-plane samples),
     label_noise (probability of a one-step grade error in the recorded grade).

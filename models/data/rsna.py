@@ -77,7 +77,7 @@ def write_rsna(root: Path, study_dirs: list[Path]) -> Path:
             headers[series["role"]] = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
             for f, ds in zip(files, headers[series["role"]]):
                 _link(f, root / "train_images" / str(study_id) / str(series_id) / f"{ds.InstanceNumber}.dcm")
-        row = [study_id]
+        row: list[int | str] = [study_id]
         for condition in CONDITIONS:
             for level in LEVELS:
                 c = truth["levels"][level]["conditions"][condition]

@@ -221,3 +221,65 @@ def test_contact_sheet(run: Path, tmp_path: Path) -> None:
     with Image.open(png) as img:
         assert img.size == (1600, 640)
         assert np.asarray(img).std() > 10
+
+
+def _disc_posterior_border(sp, level: str, xs: np.ndarray) -> np.ndarray:
+    """Posterior extent (mm, v) of disc tissue at lateral offsets xs in the disc's mid-plane."""
+    lv = sp.level(level)
+    v = np.arange(0.0, 30.0, 0.1)
+    pts = np.array([sp.point(lv.s_centre, vv, xx) for xx in xs for vv in v], dtype=np.float32)
+    labels = render_points(sp, pts, 0.2).labels().reshape(len(xs), len(v))
+    disc = (labels == Tissue.ANNULUS) | (labels >= NUCLEUS_BASE)
+    return np.array([v[np.flatnonzero(row)[-1]] for row in disc])
+
+
+def test_disc_section_is_kidney_shaped_and_bulges_with_stenosis() -> None:
+    concave, bulges = 0, {"normal_mild": [], "severe": []}
+    for i in range(12):
+        sp = sample_spine(np.random.default_rng([31, i, 0]))
+        for level in LEVELS:
+            t = sp.truth[level]["spinal_canal_stenosis"]
+            if t.grade_measured in bulges:
+                bulges[t.grade_measured].append(sp.level(level).bulge_central)
+        if sp.truth["L2-L3"]["spinal_canal_stenosis"].grade_measured == "normal_mild":
+            centre, left, right = _disc_posterior_border(sp, "L2-L3", np.array([0.0, 9.0, -9.0]))
+            concave += int(centre < min(left, right) - 0.5)
+    assert concave >= 8
+    assert np.mean(bulges["severe"]) > np.mean(bulges["normal_mild"]) + 2.0
+
+
+def test_enhanced_mr_frames_map_points(variants: dict[str, Path]) -> None:
+    study = variants["enhanced"]
+    ds = _series(study, "T1_SAG")[0]
+    assert ds.SOPClassUID == pydicom.uid.EnhancedMRImageStorage
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    assert shared.MRImageFrameTypeSequence[0].FrameType[0] == "ORIGINAL"
+    assert float(shared.MRTimingAndRelatedParametersSequence[0].RepetitionTime) < 1000
+    frames = []
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        fd = pydicom.Dataset()
+        fd.ImagePositionPatient = frame.PlanePositionSequence[0].ImagePositionPatient
+        fd.ImageOrientationPatient = frame.PlaneOrientationSequence[0].ImageOrientationPatient
+        fd.PixelSpacing = shared.PixelMeasuresSequence[0].PixelSpacing
+        frames.append(fd)
+    spacing = float(shared.PixelMeasuresSequence[0].SpacingBetweenSlices)
+    for level in _truth(study)["levels"].values():
+        p = np.array(level["center"])
+        fd, (col, row, dist) = _nearest(frames, p)
+        assert dist <= spacing / 2 + 0.6 and 0 <= col < ds.Columns and 0 <= row < ds.Rows
+        assert np.allclose((_affine(fd) @ np.array([col, row, dist, 1.0]))[:3], p, atol=1e-6)
+    positions = [int(f.FrameContentSequence[0].InStackPositionNumber) for f in ds.PerFrameFunctionalGroupsSequence]
+    assert positions == list(range(1, len(frames) + 1))
+
+
+def test_jpeg_lossless_round_trips(tmp_path: Path) -> None:
+    omit = "T2_AX,STIR_SAG,T2_SAG"
+    study = generate(tmp_path / "ljpeg", 1, SEED, progress=False, compression="jpeg-lossless", omit=omit)[0]
+    plain = _series(generate(tmp_path / "plain", 1, SEED, progress=False, omit=omit)[0], "T1_SAG")
+    packed = _series(study, "T1_SAG")
+    assert packed[0].file_meta.TransferSyntaxUID == pydicom.uid.JPEGLosslessSV1
+    for a, b in zip(plain, packed):
+        assert np.array_equal(a.pixel_array, b.pixel_array)
+    files = sorted(study.glob("*/*.dcm"))
+    result = subprocess.run([shutil.which("dciodvfy") or "/usr/bin/dciodvfy", str(files[0])], capture_output=True, text=True)
+    assert [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")] == []

@@ -10,7 +10,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -78,14 +78,18 @@ def migrate(database_url: str) -> None:
     command.upgrade(alembic_config(database_url), "head")
 
 
-def insert_ignore(session: Session, model: type[Any], values: dict[str, Any], unique_column: str) -> int | None:
+def dialect_insert(conn: Connection, table: Table) -> Any:
+    """An INSERT for this connection's database, with its ON CONFLICT clause (PostgreSQL, SQLite)."""
+    inserts: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+    if conn.dialect.name not in inserts:
+        raise NotImplementedError(f"unsupported database: {conn.dialect.name}")
+    return inserts[conn.dialect.name](table)
+
+
+def insert_ignore(conn: Connection, table: Table, values: dict[str, Any], unique_column: str) -> int | None:
     """INSERT a row unless one with the same ``unique_column`` exists; return the new id or None.
 
     Uses ON CONFLICT DO NOTHING, so concurrent receivers never fail on a duplicate key.
     """
-    dialect = session.get_bind().dialect.name
-    inserts: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
-    if dialect not in inserts:
-        raise NotImplementedError(f"unsupported database: {dialect}")
-    stmt = inserts[dialect](model).values(**values).on_conflict_do_nothing(index_elements=[unique_column])
-    return session.scalar(stmt.returning(model.id))
+    stmt = dialect_insert(conn, table).values(**values).on_conflict_do_nothing(index_elements=[unique_column])
+    return conn.scalar(stmt.returning(table.c.id))

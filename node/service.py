@@ -7,6 +7,10 @@ import multiprocessing
 import os
 import signal
 import threading
+from collections.abc import Sequence
+from multiprocessing.process import BaseProcess
+
+from sqlalchemy import Engine
 
 from node.config import Settings
 from node.db import make_engine, make_sessionmaker, migrate
@@ -20,15 +24,25 @@ LOGGER = logging.getLogger(__name__)
 MAX_POLL_S = 2.0
 
 
+class Receiver:
+    """One receiving SCP with its store, in this process; ``close`` drains and stops both."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.store = InstanceStore(settings, engine)
+        self.server = start_scp(settings, self.store)
+
+    def close(self) -> None:
+        self.server.stop()
+        self.store.close()
+
+
 def receive_until(settings: Settings, stop: threading.Event) -> None:
-    """Run one receiver (SCP + store with its own engine) until ``stop`` is set."""
+    """Run one receiver with its own engine until ``stop`` is set."""
     engine = make_engine(settings.database_url)
     try:
-        server = start_scp(settings, InstanceStore(settings, make_sessionmaker(engine)))
-        try:
-            stop.wait()
-        finally:
-            server.stop()
+        receiver = Receiver(settings, engine)
+        stop.wait()
+        receiver.close()
     finally:
         engine.dispose()
 
@@ -59,8 +73,7 @@ def serve(settings: Settings, stop: threading.Event, started: threading.Event | 
     if not settings.allowed_callers:
         LOGGER.warning("allowed_callers is empty: every calling AE title and host is admitted")
     engine = make_engine(settings.database_url)
-    sessions = make_sessionmaker(engine)
-    server = start_scp(settings, InstanceStore(settings, sessions))
+    receiver = Receiver(settings, engine)
     spawn = multiprocessing.get_context("spawn")
     children = [
         spawn.Process(target=_receiver_process, args=(settings, os.getpid()), name=f"receiver-{i}", daemon=True)
@@ -68,22 +81,30 @@ def serve(settings: Settings, stop: threading.Event, started: threading.Event | 
     ]
     for child in children:
         child.start()
-    readiness = Readiness(settings, sessions)
+    readiness = Readiness(settings, make_sessionmaker(engine))
     if started is not None:
         started.set()
     poll = max(0.05, min(settings.quiet_period_s, MAX_POLL_S))
     try:
         while not stop.is_set():
             wait = readiness.check()
+            _check_alive(children)
             stop.wait(poll if wait is None else min(max(wait, 0.05), poll))
     finally:
         LOGGER.info("stopping")
         for child in children:
             child.terminate()
-        server.stop()
+        receiver.close()
         for child in children:
             child.join(10)
         engine.dispose()
+
+
+def _check_alive(children: Sequence[BaseProcess]) -> None:
+    """A receiving process that died takes the node down, so its supervisor restarts it whole."""
+    for child in children:
+        if child.exitcode is not None:
+            raise RuntimeError(f"receiving process {child.name} exited with {child.exitcode}; stopping the node")
 
 
 def configure_logging(level: str) -> None:

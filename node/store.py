@@ -14,18 +14,18 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
 from pydicom.uid import UID
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Connection, Engine, Table, insert, select, update
 
 from node.config import Settings
-from node.db import insert_ignore, transaction
-from node.schema import Event, Instance, Series, Study, StudyState
-from node.series import RoleDecision, classify_series
+from node.db import dialect_insert, insert_ignore
+from node.groupcommit import GroupCommitter
+from node.schema import Event, Instance, Series, Study, StudyState, utcnow
+from node.series import classify_series
 
 LOGGER = logging.getLogger(__name__)
 
@@ -79,20 +79,42 @@ class Stored:
 
     identifiers: Identifiers
     duplicate: bool
-    new_study: bool
-    new_series: bool
+    new_study: bool = False
+    new_series: bool = False
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """An instance whose file is written and fsynced, waiting for its directory fsync and rows."""
+
+    ids: Identifiers
+    known: tuple[int, int] | None  # (study id, series id) when the series is already indexed
+    series: dict[str, Any] | None  # the new series row (role decided) when it is not
+    instance: dict[str, Any]  # the instance row, less study_id and series_id
+    directory: Path
+    calling_ae_title: str
 
 
 class InstanceStore:
-    """Writes instances to ``storage_dir`` and indexes them; one per receiving process."""
+    """Writes instances to ``storage_dir`` and indexes them; one per receiving process.
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+    Handler threads write and fsync files in parallel; one group-commit thread then fsyncs
+    their directories and commits their rows in one transaction per batch.
+    """
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
         self.storage_dir = settings.storage_dir.resolve()
         self.min_free_bytes = settings.min_free_disk_mb * 1024 * 1024
         self.device_uid = settings.device_uid
-        self.sessions = sessions
+        self.engine = engine
         self.incoming_dir = self.storage_dir / INCOMING
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
+        self._known_series: dict[str, tuple[int, int]] = {}  # series UID -> (study id, series id)
+        self._committer: GroupCommitter[_Pending, Stored] = GroupCommitter(self._commit, name="store-commit")
+
+    def close(self) -> None:
+        """Finish the commits under way; call before the process ends."""
+        self._committer.close()
 
     def store(self, ds: Dataset, encoded: bytes, transfer_syntax_uid: str, calling_ae_title: str) -> Stored:
         """Store one received instance durably; return only once file and row are committed.
@@ -102,70 +124,35 @@ class InstanceStore:
         """
         check_complete(ds)
         ids = Identifiers.from_dataset(ds)
-        with self.sessions() as session:
-            if session.scalar(select(Instance.id).where(Instance.sop_instance_uid == ids.sop_instance_uid)):
-                return Stored(ids, duplicate=True, new_study=False, new_series=False)
-            series_known = session.scalar(
-                select(Series.id).where(Series.series_instance_uid == ids.series_instance_uid)
-            )
-        decision = None if series_known else classify_series(ds, self.device_uid)
-        path = self.storage_dir / ids.relative_path()
+        relative = ids.relative_path()
+        path = self.storage_dir / relative
+        if path.exists() and self._indexed_path(ids.sop_instance_uid) is not None:
+            return Stored(ids, duplicate=True)
+        known = self._known_series.get(ids.series_instance_uid)
+        pending = _Pending(
+            ids=ids,
+            known=known,
+            series=None if known else self._series_row(ds, ids),
+            instance=_instance_row(ds, ids, relative, len(encoded), transfer_syntax_uid, calling_ae_title),
+            directory=path.parent,
+            calling_ae_title=calling_ae_title,
+        )
         self._check_free_space(len(encoded))
         created = write_durably(path, encoded, self.incoming_dir)
         try:
-            with transaction(self.sessions) as session:
-                return self._index(session, ds, ids, decision, path, len(encoded), transfer_syntax_uid, calling_ae_title)
+            stored = self._committer.submit(pending)
         except BaseException:
-            if created:
-                self._discard(path, ids)
+            if created and self._indexed_path(ids.sop_instance_uid) is None:
+                path.unlink(missing_ok=True)
             raise
+        if stored.duplicate and created and self._indexed_path(ids.sop_instance_uid) != str(relative):
+            path.unlink(missing_ok=True)  # the same SOP Instance UID is indexed under another study or series
+        return stored
 
-    def _index(
-        self,
-        session: Session,
-        ds: Dataset,
-        ids: Identifiers,
-        decision: RoleDecision | None,
-        path: Path,
-        size: int,
-        transfer_syntax_uid: str,
-        calling_ae_title: str,
-    ) -> Stored:
-        study_id = insert_ignore(session, Study, {"study_instance_uid": ids.study_instance_uid}, "study_instance_uid")
-        new_study = study_id is not None
-        if study_id is None:
-            study_id = session.scalars(select(Study.id).where(Study.study_instance_uid == ids.study_instance_uid)).one()
-            self._reopen(session, study_id)
-        else:
-            session.add(Event(study_id=study_id, kind="study_created", message=f"first instance from {calling_ae_title}"))
-        series_id, new_series = self._series_id(session, ds, ids, study_id, decision)
-        instance_id = insert_ignore(
-            session,
-            Instance,
-            {
-                "study_id": study_id,
-                "series_id": series_id,
-                "sop_instance_uid": ids.sop_instance_uid,
-                "sop_class_uid": ids.sop_class_uid,
-                "transfer_syntax_uid": transfer_syntax_uid,
-                "instance_number": _int_or_none(ds.get("InstanceNumber")),
-                "number_of_frames": _int_or_none(ds.get("NumberOfFrames")) or 1,
-                "path": str(path.relative_to(self.storage_dir)),
-                "size_bytes": size,
-                "calling_ae_title": calling_ae_title[:16],
-            },
-            "sop_instance_uid",
-        )
-        return Stored(ids, duplicate=instance_id is None, new_study=new_study, new_series=new_series)
-
-    def _series_id(
-        self, session: Session, ds: Dataset, ids: Identifiers, study_id: int, decision: RoleDecision | None
-    ) -> tuple[int, bool]:
-        """The series row's id and whether this call created it (with its role and reason)."""
-        if decision is None:
-            decision = classify_series(ds, self.device_uid)
-        values = {
-            "study_id": study_id,
+    def _series_row(self, ds: Dataset, ids: Identifiers) -> dict[str, Any]:
+        """A new series row with its role decided (in the handler thread, off the commit path)."""
+        decision = classify_series(ds, self.device_uid)
+        return {
             "series_instance_uid": ids.series_instance_uid,
             "modality": str(ds.get("Modality", "") or "")[:16] or None,
             "series_number": _int_or_none(ds.get("SeriesNumber")),
@@ -173,39 +160,94 @@ class InstanceStore:
             "role": decision.role.value,
             "role_reason": decision.reason,
         }
-        series_id = insert_ignore(session, Series, values, "series_instance_uid")
-        if series_id is None:
-            return session.scalars(select(Series.id).where(Series.series_instance_uid == ids.series_instance_uid)).one(), False
-        session.add(
-            Event(
-                study_id=study_id,
-                kind="series_added",
-                message=f"series {values['series_number']} is {values['role']}: {values['role_reason']}",
-                details={"series_instance_uid": ids.series_instance_uid, "role": values["role"]},
-            )
-        )
-        return series_id, True
 
-    @staticmethod
-    def _reopen(session: Session, study_id: int) -> None:
-        """A study past RECEIVING that gets a new instance goes back to RECEIVING."""
-        previous = session.scalar(select(Study.state).where(Study.id == study_id))
-        if previous == StudyState.RECEIVING.value:
-            return
-        session.execute(update(Study).where(Study.id == study_id).values(state=StudyState.RECEIVING.value))
-        session.add(Event(study_id=study_id, kind="reopened", message=f"new instance arrived in state {previous}"))
+    def _indexed_path(self, sop_instance_uid: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.scalar(select(INSTANCES.c.path).where(INSTANCES.c.sop_instance_uid == sop_instance_uid))
+
+    def _commit(self, batch: list[_Pending]) -> list[Stored]:
+        """Make a batch durable: fsync each directory once, then one transaction for all rows."""
+        for directory in {p.directory for p in batch}:
+            _fsync_dir(directory)
+        learned: dict[str, tuple[int, int]] = {}
+        with self.engine.begin() as conn:
+            placed = [self._place(conn, p, learned) for p in batch]
+            study_ids = sorted({study_id for (study_id, _), _, _ in placed})
+            reopened = conn.scalars(
+                update(STUDIES)
+                .where(STUDIES.c.id.in_(study_ids), STUDIES.c.state != StudyState.RECEIVING.value)
+                .values(state=StudyState.RECEIVING.value, updated_at=utcnow())
+                .returning(STUDIES.c.id)
+            ).all()
+            _add_events(conn, [(i, "reopened", "a new instance re-opened the study", {}) for i in reopened])
+            rows = [{**p.instance, "study_id": study_id, "series_id": series_id}
+                    for p, ((study_id, series_id), _, _) in zip(batch, placed)]
+            inserted = set(conn.scalars(
+                dialect_insert(conn, INSTANCES).values(rows)
+                .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                .returning(INSTANCES.c.sop_instance_uid)
+            ))
+        self._known_series.update(learned)
+        return [Stored(p.ids, p.ids.sop_instance_uid not in inserted, new_study, new_series)
+                for p, (_, new_study, new_series) in zip(batch, placed)]
+
+    def _place(self, conn: Connection, pending: _Pending, learned: dict[str, tuple[int, int]]) -> tuple[tuple[int, int], bool, bool]:
+        """The (study id, series id) of an instance, creating study and series rows if new."""
+        ids = pending.ids
+        if pending.known or ids.series_instance_uid in learned:
+            return pending.known or learned[ids.series_instance_uid], False, False
+        study_id = insert_ignore(conn, STUDIES, {"study_instance_uid": ids.study_instance_uid}, "study_instance_uid")
+        new_study = study_id is not None
+        if study_id is None:
+            study_id = conn.scalars(select(STUDIES.c.id).where(STUDIES.c.study_instance_uid == ids.study_instance_uid)).one()
+        else:
+            _add_events(conn, [(study_id, "study_created", f"first instance from {pending.calling_ae_title}", {})])
+        assert pending.series is not None
+        series_id = insert_ignore(conn, SERIES, {**pending.series, "study_id": study_id}, "series_instance_uid")
+        new_series = series_id is not None
+        if series_id is None:
+            series_id = conn.scalars(select(SERIES.c.id).where(SERIES.c.series_instance_uid == ids.series_instance_uid)).one()
+        else:
+            series = pending.series
+            _add_events(conn, [(study_id, "series_added",
+                                f"series {series['series_number']} is {series['role']}: {series['role_reason']}",
+                                {"series_instance_uid": ids.series_instance_uid, "role": series["role"]})])
+        learned[ids.series_instance_uid] = (study_id, series_id)
+        return (study_id, series_id), new_study, new_series
 
     def _check_free_space(self, incoming: int) -> None:
         free = shutil.disk_usage(self.storage_dir).free
         if free - incoming < self.min_free_bytes:
             raise OutOfResources(errno.ENOSPC, f"free disk {free // 2**20} MiB is under the watermark")
 
-    def _discard(self, path: Path, ids: Identifiers) -> None:
-        """Remove a file whose row was not committed, unless another receiver indexed it meanwhile."""
-        with self.sessions() as session:
-            if session.scalar(select(Instance.id).where(Instance.sop_instance_uid == ids.sop_instance_uid)):
-                return
-        path.unlink(missing_ok=True)
+
+STUDIES = cast(Table, Study.__table__)
+SERIES = cast(Table, Series.__table__)
+INSTANCES = cast(Table, Instance.__table__)
+EVENTS = cast(Table, Event.__table__)
+
+
+def _instance_row(ds: Dataset, ids: Identifiers, relative: Path, size: int, transfer_syntax_uid: str,
+                  calling_ae_title: str) -> dict[str, Any]:
+    return {
+        "sop_instance_uid": ids.sop_instance_uid,
+        "sop_class_uid": ids.sop_class_uid,
+        "transfer_syntax_uid": transfer_syntax_uid,
+        "instance_number": _int_or_none(ds.get("InstanceNumber")),
+        "number_of_frames": _int_or_none(ds.get("NumberOfFrames")) or 1,
+        "path": str(relative),
+        "size_bytes": size,
+        "calling_ae_title": calling_ae_title[:16],
+        "received_at": utcnow(),
+    }
+
+
+def _add_events(conn: Connection, events: list[tuple[int, str, str, dict[str, Any]]]) -> None:
+    if events:
+        conn.execute(insert(EVENTS), [
+            {"study_id": study_id, "kind": kind, "message": message, "details": details, "at": utcnow(), "actor": "node"}
+            for study_id, kind, message, details in events
+        ])
 
 
 def check_complete(ds: Dataset) -> None:
@@ -224,7 +266,7 @@ def check_complete(ds: Dataset) -> None:
 
 
 def write_durably(path: Path, data: bytes, incoming_dir: Path) -> bool:
-    """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename, fsync dir).
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename); the caller fsyncs the dir.
 
     The temp file lives in ``incoming_dir`` (same file system), which :func:`sweep_incoming`
     empties at start-up, so a crash mid-write leaves nothing in the store itself. Returns False
@@ -245,7 +287,6 @@ def write_durably(path: Path, data: bytes, incoming_dir: Path) -> bool:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutOfResources(exc.errno, "storage disk is full") from exc
         raise
-    _fsync_dir(path.parent)
     return not existed
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from node.config import load_settings
-from node.db import make_engine, make_sessionmaker, migrate
+from node.db import make_engine, migrate
 from node.store import InstanceStore
 from tests.support.dicomgen import make_study
 from tests.support.services import NodeProcess
@@ -18,7 +18,7 @@ def test_admin_commands(sqlite_url: str, tmp_path: Path) -> None:
     node = NodeProcess(tmp_path, sqlite_url)  # its config only; nothing is served
     settings = load_settings(node.config)
     migrate(settings.database_url)
-    store = InstanceStore(settings, make_sessionmaker(make_engine(settings.database_url)))
+    store = InstanceStore(settings, make_engine(settings.database_url))
     study = make_study(tmp_path / "study", roles=("T1_SAG", "T2_SAG"), slices=1)
     for path in study.files:
         ds = dcmread(path)

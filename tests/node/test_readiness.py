@@ -22,8 +22,8 @@ def make_node(database_url: str, tmp_path: Path, **overrides: object) -> tuple[S
     settings = load_settings(database_url=database_url, storage_dir=tmp_path / "storage", min_free_disk_mb=0,
                              quiet_period_s=10, study_timeout_s=100, **overrides)
     migrate(database_url)
-    sessions = make_sessionmaker(make_engine(database_url))
-    return settings, InstanceStore(settings, sessions), Readiness(settings, sessions)
+    engine = make_engine(database_url)
+    return settings, InstanceStore(settings, engine), Readiness(settings, make_sessionmaker(engine))
 
 
 def receive(store: InstanceStore, files: list[Path]) -> None:
@@ -42,11 +42,11 @@ def test_ready_after_the_quiet_period_with_exactly_one_job(database_url: str, tm
     receive(store, study.files)
     wait = readiness.check()
     assert wait is not None and 9 < wait <= 10
-    assert show_study(store.sessions, study.study_instance_uid)["state"] == "RECEIVING"
+    assert show_study(readiness.sessions, study.study_instance_uid)["state"] == "RECEIVING"
     assert readiness.check(later(11)) is None
     for _ in range(3):
         readiness.check(later(12))
-    detail = show_study(store.sessions, study.study_instance_uid)
+    detail = show_study(readiness.sessions, study.study_instance_uid)
     assert detail["state"] == "READY" and len(detail["jobs"]) == 1
     assert detail["jobs"][0]["missing_roles"] == [] and detail["jobs"][0]["state"] == "PENDING"
 
@@ -67,9 +67,9 @@ def test_study_timeout(sqlite_url: str, tmp_path: Path, roles: tuple[str, ...], 
     study = make_study(tmp_path / "study", roles=roles, slices=1)
     receive(store, study.files)
     readiness.check(later(50))  # quiet period over, but a role is missing: wait for the timeout
-    assert show_study(store.sessions, study.study_instance_uid)["state"] == "RECEIVING"
+    assert show_study(readiness.sessions, study.study_instance_uid)["state"] == "RECEIVING"
     readiness.check(later(101))
-    detail = show_study(store.sessions, study.study_instance_uid)
+    detail = show_study(readiness.sessions, study.study_instance_uid)
     assert detail["state"] == state and detail["missing_roles"] == missing
     assert [j["missing_roles"] for j in detail["jobs"]] == ([missing] if state == "READY" else [])
 
@@ -81,10 +81,10 @@ def test_new_instance_after_ready_reopens_and_supersedes(database_url: str, tmp_
     readiness.check(later(11))
     late = make_study(tmp_path / "late", roles=("T2_AX",), slices=1, study_instance_uid=study.study_instance_uid)
     receive(store, late.files)
-    assert show_study(store.sessions, study.study_instance_uid)["state"] == "RECEIVING"
+    assert show_study(readiness.sessions, study.study_instance_uid)["state"] == "RECEIVING"
     readiness.check(later(11))
     readiness.check(later(12))
-    jobs = show_study(store.sessions, study.study_instance_uid)["jobs"]
+    jobs = show_study(readiness.sessions, study.study_instance_uid)["jobs"]
     assert [j["state"] for j in jobs] == ["CANCELLED", "PENDING"]
 
 
@@ -93,13 +93,13 @@ def test_requeue_writes_a_new_job_and_records_who(database_url: str, tmp_path: P
     study = make_study(tmp_path / "study", slices=1)
     receive(store, study.files)
     readiness.check(later(11))
-    requeue(store.sessions, study.study_instance_uid, actor="cli:tester")
-    requeue(store.sessions, study.study_instance_uid, actor="cli:tester")
-    detail = show_study(store.sessions, study.study_instance_uid)
+    requeue(readiness.sessions, study.study_instance_uid, actor="cli:tester")
+    requeue(readiness.sessions, study.study_instance_uid, actor="cli:tester")
+    detail = show_study(readiness.sessions, study.study_instance_uid)
     assert [j["state"] for j in detail["jobs"]] == ["CANCELLED", "CANCELLED", "PENDING"]
     assert [e["actor"] for e in detail["timeline"] if e["kind"] == "requeued"] == ["cli:tester"] * 2
     with pytest.raises(UnknownStudy):
-        requeue(store.sessions, "1.2.3.4", actor="cli:tester")
+        requeue(readiness.sessions, "1.2.3.4", actor="cli:tester")
 
 
 def test_studies_are_listed_and_filtered_by_state(sqlite_url: str, tmp_path: Path) -> None:
@@ -108,37 +108,37 @@ def test_studies_are_listed_and_filtered_by_state(sqlite_url: str, tmp_path: Pat
     waiting = make_study(tmp_path / "b", roles=("T2_SAG",), slices=2)
     receive(store, ready.files + waiting.files)
     readiness.check(later(11))
-    rows = {r["study_instance_uid"]: r for r in list_studies(store.sessions)}
+    rows = {r["study_instance_uid"]: r for r in list_studies(readiness.sessions)}
     assert set(rows[ready.study_instance_uid]) == {"study_instance_uid", "state", "instances", "series", "updated_at"}
     assert (rows[ready.study_instance_uid]["state"], rows[ready.study_instance_uid]["instances"]) == ("READY", 3)
     assert (rows[waiting.study_instance_uid]["series"], rows[waiting.study_instance_uid]["instances"]) == (1, 2)
-    only = list_studies(store.sessions, StudyState.RECEIVING)
+    only = list_studies(readiness.sessions, StudyState.RECEIVING)
     assert [r["study_instance_uid"] for r in only] == [waiting.study_instance_uid]
 
 
 def test_show_has_the_contract_keys(sqlite_url: str, tmp_path: Path) -> None:
-    _, store, _ = make_node(sqlite_url, tmp_path)
+    _, store, readiness = make_node(sqlite_url, tmp_path)
     study = make_study(tmp_path / "study", slices=1)
     receive(store, study.files)
-    detail = show_study(store.sessions, study.study_instance_uid)
+    detail = show_study(readiness.sessions, study.study_instance_uid)
     assert {"study_instance_uid", "state", "series", "jobs", "timeline", "result", "deliveries"} <= set(detail)
     assert {"series_instance_uid", "role", "role_reason", "instances"} <= set(detail["series"][0])
     assert [e["kind"] for e in detail["timeline"]][:2] == ["study_created", "series_added"]
 
 
 def test_a_failed_commit_leaves_no_file(sqlite_url: str, tmp_path: Path) -> None:
-    _, store, _ = make_node(sqlite_url, tmp_path)
-    with store.sessions() as session, session.begin():
+    _, store, readiness = make_node(sqlite_url, tmp_path)
+    with readiness.sessions() as session, session.begin():
         session.execute(text("CREATE TRIGGER no_rows BEFORE INSERT ON instances BEGIN SELECT RAISE(ABORT, 'disk gone'); END"))
     study = make_study(tmp_path / "study", slices=1)
     with pytest.raises(Exception, match="disk gone"):
         receive(store, study.files[:1])
     assert [p for p in (tmp_path / "storage").rglob("*") if p.is_file()] == []
-    assert list_studies(store.sessions) == []
+    assert list_studies(readiness.sessions) == []
 
 
 def test_duplicates_are_acknowledged_without_writing(sqlite_url: str, tmp_path: Path) -> None:
-    _, store, _ = make_node(sqlite_url, tmp_path)
+    _, store, readiness = make_node(sqlite_url, tmp_path)
     study: GeneratedStudy = make_study(tmp_path / "study", slices=1)
     ds = dcmread(study.files[0])
     first = store.store(ds, study.files[0].read_bytes(), ds.file_meta.TransferSyntaxUID, "A")

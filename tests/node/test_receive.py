@@ -7,6 +7,8 @@ byte-for-byte as sent, and for bad input, a clear status and nothing left behind
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 from collections.abc import Callable
@@ -263,6 +265,32 @@ def test_several_receivers_share_the_port(node_factory: NodeFactory, database_ur
     rows = {r["study_instance_uid"]: r["instances"] for r in studies(node)}
     assert rows == {uid: 12 for uid in uids}
     assert len(stored_files(node)) == 48
+    log = (node.workdir / "node.log").read_text()
+    assert "MainProcess node.scp: listening" in log and "receiver-1 node.scp: listening" in log
+
+
+def test_a_dead_receiver_takes_the_node_down(node_factory: NodeFactory, sqlite_url: str) -> None:
+    node = node_factory(sqlite_url, receivers=2)
+    assert node.proc is not None
+    wait_for(lambda: "receiver-1 node.scp: listening" in (node.workdir / "node.log").read_text(), 30, "the second receiver")
+    [child] = children_of(node.proc.pid)
+    os.kill(child, signal.SIGKILL)
+    assert node.proc.wait(30) != 0
+    assert "receiving process receiver-1 exited" in (node.workdir / "node.log").read_text()
+
+
+def children_of(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc), multiprocessing's helper excluded."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"resource_tracker" not in cmdline:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def test_dicom_tls(node_factory: NodeFactory, sqlite_url: str, tmp_path: Path) -> None:

@@ -48,9 +48,12 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "c
 
 
 class PostgresCluster:
-    """A throw-away PostgreSQL cluster in a temp dir, on a free port, trust auth."""
+    """A throw-away PostgreSQL cluster in a temp dir, on a free port, trust auth.
 
-    def __init__(self) -> None:
+    ``durable=False`` (tests) turns fsync off for speed; the benchmark keeps it on.
+    """
+
+    def __init__(self, durable: bool = False) -> None:
         bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
         if not bins:
             raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
@@ -60,9 +63,9 @@ class PostgresCluster:
         self.as_user: list[str] = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         if self.as_user:
             shutil.chown(self.dir, "postgres", "postgres")
-        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres", "--no-sync")
+        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres", *([] if durable else ["--no-sync"]))
         self._run("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "start",
-                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off")
+                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync={'on' if durable else 'off'}")
         self._databases = 0
 
     def _run(self, tool: str, *args: str) -> None:
@@ -142,7 +145,7 @@ class NodeProcess:
             **settings,
         }
         self.config = workdir / "spine-node.toml"
-        self.config.write_text(_toml(self.settings))
+        self.config.write_text(toml_text(self.settings))
         self.log = workdir / "node.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -186,8 +189,8 @@ class NodeProcess:
             self.proc = None
 
 
-def _toml(values: dict[str, Any]) -> str:
-    """Enough TOML for our test configs (scalars, lists of tables, one nested table)."""
+def toml_text(values: dict[str, Any]) -> str:
+    """Enough TOML for our test and benchmark configs (scalars, lists of tables, nested tables)."""
     lines, tables = [], []
     for key, value in values.items():
         if isinstance(value, dict):

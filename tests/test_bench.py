@@ -1,0 +1,21 @@
+"""The ingest benchmark still runs end to end (a smoke run: no timing is asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_ingest_benchmark_smoke_run(tmp_path: Path) -> None:
+    root = Path(__file__).parents[1]
+    out = tmp_path / "ingest.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.ingest", "--runs", "1", "--instances", "8", "--only", "node-r1,storescp",
+         "--json", str(out)],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["receiver"], r["associations"]) for r in rows} == {
+        ("node r=1 SQLite", 1), ("node r=1 SQLite", 4), ("storescp", 1), ("storescp", 4)}
+    assert all(r["failures"] == [] and r["images_per_s"] > 0 for r in rows)

@@ -10,7 +10,7 @@ import enum
 from pathlib import Path
 from typing import Annotated, Any, cast
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, FilePath, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -49,10 +49,16 @@ class Caller(BaseModel):
 class TLSSettings(BaseModel):
     """DICOM TLS for the SCP (and the SCU, for destinations that ask for it)."""
 
-    cert_file: Path
-    key_file: Path
-    ca_file: Path | None = None
+    cert_file: FilePath
+    key_file: FilePath
+    ca_file: FilePath | None = None
     require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _client_certs_need_a_ca(self) -> "TLSSettings":
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CA that signs client certificates)")
+        return self
 
 
 class Destination(BaseModel):
@@ -102,6 +108,8 @@ class Settings(BaseSettings):
     def _study_timeout_after_quiet(self) -> "Settings":
         if self.study_timeout_s < self.quiet_period_s:
             raise ValueError("study_timeout_s must not be shorter than quiet_period_s")
+        if self.port == 0 and self.receivers > 1:
+            raise ValueError("port 0 (any free port) cannot be shared by several receivers: set a port")
         return self
 
     @classmethod
@@ -133,8 +141,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return loaded if settings_cls is Settings else Settings(**loaded.model_dump())
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
-    except ValueError as exc:  # TOML syntax error, raised by the file source
-        raise ConfigError(f"{config_file}: {exc}") from None
+    except ValueError as exc:  # a TOML syntax error, or JSON in a variable that does not parse
+        raise ConfigError(f"{config_file}: {exc}" if config_file else str(exc)) from None
 
 
 def _describe(exc: ValidationError) -> str:

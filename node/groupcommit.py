@@ -32,17 +32,21 @@ class GroupCommitter(Generic[T, R]):
         self._commit = commit
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[tuple[T, Future[R]] | None] = queue.SimpleQueue()
+        self.closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, item: T) -> R:
         """Hand in ``item`` and block until its batch is committed; re-raise its failure."""
+        if self.closed:
+            raise RuntimeError("the committer is closed")
         future: Future[R] = Future()
         self._queue.put((item, future))
         return future.result()
 
     def close(self) -> None:
-        """Commit what is queued, then stop the thread."""
+        """Commit what is queued, then stop the thread; later submits raise RuntimeError."""
+        self.closed = True
         self._queue.put(None)
         self._thread.join()
 

@@ -75,6 +75,8 @@ class ReceiverServer(ThreadedAssociationServer):
         deadline = time.monotonic() + grace_s
         while any(a.is_established for a in self.active_associations) and time.monotonic() < deadline:
             time.sleep(0.05)
+        for assoc in self.active_associations:
+            assoc.abort()  # the sender did not finish in time: what it was not answered, it sends again
         self.server_close()
 
 

@@ -14,18 +14,19 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
 from pydicom.uid import UID
 from sqlalchemy import Connection, Engine, Table, insert, select, update
+from sqlalchemy.exc import OperationalError
 
 from node.config import Settings
 from node.db import dialect_insert, insert_ignore
 from node.groupcommit import GroupCommitter
 from node.schema import Event, Instance, Series, Study, StudyState, utcnow
-from node.series import classify_series
+from node.series import RoleDecision, SeriesRole, classify_series
 
 LOGGER = logging.getLogger(__name__)
 
@@ -79,6 +80,15 @@ class Stored:
 
     identifiers: Identifiers
     duplicate: bool
+    new_study: bool = False
+    new_series: bool = False
+
+
+class _Placement(NamedTuple):
+    """Where an instance's rows go, and whether its study and series rows were just created."""
+
+    study_id: int
+    series_id: int
     new_study: bool = False
     new_series: bool = False
 
@@ -137,13 +147,17 @@ class InstanceStore:
             directory=path.parent,
             calling_ae_title=calling_ae_title,
         )
+        if self._committer.closed:
+            raise OutOfResources(errno.ESHUTDOWN, "the node is shutting down")
         self._check_free_space(len(encoded))
         created = write_durably(path, encoded, self.incoming_dir)
         try:
             stored = self._committer.submit(pending)
-        except BaseException:
+        except BaseException as exc:
             if created and self._indexed_path(ids.sop_instance_uid) is None:
                 path.unlink(missing_ok=True)
+            if isinstance(exc, OperationalError) and "disk is full" in str(exc.orig):
+                raise OutOfResources(errno.ENOSPC, "the database disk is full") from exc
             raise
         if stored.duplicate and created and self._indexed_path(ids.sop_instance_uid) != str(relative):
             path.unlink(missing_ok=True)  # the same SOP Instance UID is indexed under another study or series
@@ -151,7 +165,11 @@ class InstanceStore:
 
     def _series_row(self, ds: Dataset, ids: Identifiers) -> dict[str, Any]:
         """A new series row with its role decided (in the handler thread, off the commit path)."""
-        decision = classify_series(ds, self.device_uid)
+        try:
+            decision = classify_series(ds, self.device_uid)
+        except Exception as exc:  # a malformed header element must not refuse the instance
+            LOGGER.warning("could not classify series %s: %s", ids.series_instance_uid, type(exc).__name__)
+            decision = RoleDecision(SeriesRole.OTHER, f"header could not be read for classification ({type(exc).__name__})")
         return {
             "series_instance_uid": ids.series_instance_uid,
             "modality": str(ds.get("Modality", "") or "")[:16] or None,
@@ -162,40 +180,67 @@ class InstanceStore:
         }
 
     def _indexed_path(self, sop_instance_uid: str) -> str | None:
-        with self.engine.connect() as conn:
+        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
             return conn.scalar(select(INSTANCES.c.path).where(INSTANCES.c.sop_instance_uid == sop_instance_uid))
 
     def _commit(self, batch: list[_Pending]) -> list[Stored]:
-        """Make a batch durable: fsync each directory once, then one transaction for all rows."""
+        """Make a batch durable: fsync each directory once, then one transaction for all rows.
+
+        Instances already indexed are skipped before anything is created for them. The studies
+        are locked before their instances go in, so a readiness decision taken meanwhile either
+        sees the new instances or is undone by the reopen below (PostgreSQL; SQLite serialises
+        writers anyway).
+        """
         for directory in {p.directory for p in batch}:
             _fsync_dir(directory)
         learned: dict[str, tuple[int, int]] = {}
         with self.engine.begin() as conn:
-            placed = [self._place(conn, p, learned) for p in batch]
-            study_ids = sorted({study_id for (study_id, _), _, _ in placed})
-            reopened = conn.scalars(
-                update(STUDIES)
-                .where(STUDIES.c.id.in_(study_ids), STUDIES.c.state != StudyState.RECEIVING.value)
-                .values(state=StudyState.RECEIVING.value, updated_at=utcnow())
-                .returning(STUDIES.c.id)
-            ).all()
-            _add_events(conn, [(i, "reopened", "a new instance re-opened the study", {}) for i in reopened])
-            rows = [{**p.instance, "study_id": study_id, "series_id": series_id}
-                    for p, ((study_id, series_id), _, _) in zip(batch, placed)]
-            inserted = set(conn.scalars(
-                dialect_insert(conn, INSTANCES).values(rows)
-                .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-                .returning(INSTANCES.c.sop_instance_uid)
-            ))
+            uids = [p.ids.sop_instance_uid for p in batch]
+            indexed = set(conn.scalars(select(INSTANCES.c.sop_instance_uid).where(INSTANCES.c.sop_instance_uid.in_(uids))))
+            fresh = [p for p in batch if p.ids.sop_instance_uid not in indexed]
+            placed = {p.ids.sop_instance_uid: self._place(conn, p, learned) for p in fresh}
+            inserted = self._insert_instances(conn, fresh, placed) if fresh else {}
+            self._reopen(conn, sorted(set(inserted.values())))
         self._known_series.update(learned)
-        return [Stored(p.ids, p.ids.sop_instance_uid not in inserted, new_study, new_series)
-                for p, (_, new_study, new_series) in zip(batch, placed)]
+        results = []
+        for p in batch:
+            place = placed.get(p.ids.sop_instance_uid)
+            results.append(Stored(p.ids, p.ids.sop_instance_uid not in inserted,
+                                  new_study=bool(place and place.new_study), new_series=bool(place and place.new_series)))
+        return results
 
-    def _place(self, conn: Connection, pending: _Pending, learned: dict[str, tuple[int, int]]) -> tuple[tuple[int, int], bool, bool]:
+    @staticmethod
+    def _insert_instances(conn: Connection, fresh: list[_Pending], placed: dict[str, _Placement]) -> dict[str, int]:
+        """Lock the studies, insert the rows; return the SOP Instance UIDs inserted, with their study ids."""
+        study_ids = sorted({placed[p.ids.sop_instance_uid].study_id for p in fresh})
+        conn.execute(select(STUDIES.c.id).where(STUDIES.c.id.in_(study_ids)).order_by(STUDIES.c.id).with_for_update())
+        rows = [{**p.instance, "study_id": placed[p.ids.sop_instance_uid].study_id,
+                 "series_id": placed[p.ids.sop_instance_uid].series_id} for p in fresh]
+        result = conn.execute(
+            dialect_insert(conn, INSTANCES).values(rows)
+            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+            .returning(INSTANCES.c.sop_instance_uid, INSTANCES.c.study_id)
+        )
+        return {sop: study for sop, study in result}
+
+    @staticmethod
+    def _reopen(conn: Connection, study_ids: list[int]) -> None:
+        """Studies past RECEIVING that got new instances go back to RECEIVING."""
+        if not study_ids:
+            return
+        reopened = conn.scalars(
+            update(STUDIES)
+            .where(STUDIES.c.id.in_(study_ids), STUDIES.c.state != StudyState.RECEIVING.value)
+            .values(state=StudyState.RECEIVING.value, updated_at=utcnow())
+            .returning(STUDIES.c.id)
+        ).all()
+        _add_events(conn, [(i, "reopened", "a new instance re-opened the study", {}) for i in reopened])
+
+    def _place(self, conn: Connection, pending: _Pending, learned: dict[str, tuple[int, int]]) -> _Placement:
         """The (study id, series id) of an instance, creating study and series rows if new."""
         ids = pending.ids
         if pending.known or ids.series_instance_uid in learned:
-            return pending.known or learned[ids.series_instance_uid], False, False
+            return _Placement(*(pending.known or learned[ids.series_instance_uid]))
         study_id = insert_ignore(conn, STUDIES, {"study_instance_uid": ids.study_instance_uid}, "study_instance_uid")
         new_study = study_id is not None
         if study_id is None:
@@ -213,7 +258,7 @@ class InstanceStore:
                                 f"series {series['series_number']} is {series['role']}: {series['role_reason']}",
                                 {"series_instance_uid": ids.series_instance_uid, "role": series["role"]})])
         learned[ids.series_instance_uid] = (study_id, series_id)
-        return (study_id, series_id), new_study, new_series
+        return _Placement(study_id, series_id, new_study, new_series)
 
     def _check_free_space(self, incoming: int) -> None:
         free = shutil.disk_usage(self.storage_dir).free
@@ -273,7 +318,12 @@ def write_durably(path: Path, data: bytes, incoming_dir: Path) -> bool:
     if the file already existed (a concurrent duplicate); it is then replaced by identical
     bytes. A full disk raises :class:`OutOfResources`; nothing partial remains.
     """
-    _make_dirs_durably(path.parent)
+    try:
+        _make_dirs_durably(path.parent)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutOfResources(exc.errno, "storage disk is full") from exc
+        raise
     existed = path.exists()
     tmp = incoming_dir / f"{path.name}.{os.getpid()}.{threading.get_ident():x}"
     try:

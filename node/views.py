@@ -7,6 +7,7 @@ from typing import Any
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -20,17 +21,19 @@ def studies_table(rows: list[dict[str, Any]]) -> Table:
     table = Table("state", "series", "instances", "updated (UTC)", "study")
     table.columns[-1].no_wrap = True
     for row in rows:
-        table.add_row(row["state"], str(row["series"]), str(row["instances"]), _when(row["updated_at"]), row["study_instance_uid"])
+        table.add_row(row["state"], str(row["series"]), str(row["instances"]), _when(row["updated_at"]),
+                      escape(row["study_instance_uid"]))
     return table
 
 
 def print_study(study: dict[str, Any], console: Console) -> None:
     """A study for people: its series and roles, its jobs and its timeline."""
-    console.print(f"[bold]{study['study_instance_uid']}[/bold]  state [bold]{study['state']}[/bold]"
+    console.print(f"[bold]{escape(study['study_instance_uid'])}[/bold]  state [bold]{study['state']}[/bold]"
                   + (f"  missing: {', '.join(study['missing_roles'])}" if study["missing_roles"] else ""))
     series = Table("#", "description", "role", "instances", "why", title="series")
     for s in study["series"]:
-        series.add_row(str(s["series_number"] or ""), s["series_description"] or "", s["role"], str(s["instances"]), s["role_reason"])
+        series.add_row(str(s["series_number"] or ""), escape(s["series_description"] or ""), s["role"], str(s["instances"]),
+                       escape(s["role_reason"]))
     console.print(series)
     if study["jobs"]:
         jobs = Table("job", "kind", "state", "partial", "created (UTC)", "finished (UTC)", title="jobs")
@@ -40,7 +43,7 @@ def print_study(study: dict[str, Any], console: Console) -> None:
         console.print(jobs)
     timeline = Table("at (UTC)", "event", "by", "what", title="timeline")
     for e in study["timeline"]:
-        timeline.add_row(_when(e["at"]), e["kind"], e["actor"], e["message"])
+        timeline.add_row(_when(e["at"]), e["kind"], escape(e["actor"]), escape(e["message"]))
     console.print(timeline)
 
 

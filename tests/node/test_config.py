@@ -36,13 +36,15 @@ def test_toml_then_environment_then_arguments(tmp_path: Path, monkeypatch: pytes
     assert settings.destinations[0].port == 4242
 
 
-def test_nested_values_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nested_values_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("node.crt", "node.key"):
+        (tmp_path / name).write_text("-")
     monkeypatch.setenv("SPINE_NODE_ALLOWED_CALLERS", '[{"ae_title": "PACS"}]')
-    monkeypatch.setenv("SPINE_NODE_TLS__CERT_FILE", "/etc/node.crt")
-    monkeypatch.setenv("SPINE_NODE_TLS__KEY_FILE", "/etc/node.key")
+    monkeypatch.setenv("SPINE_NODE_TLS__CERT_FILE", str(tmp_path / "node.crt"))
+    monkeypatch.setenv("SPINE_NODE_TLS__KEY_FILE", str(tmp_path / "node.key"))
     settings = load_settings()
     assert settings.allowed_callers[0].admits("PACS", "any.host")
-    assert settings.tls is not None and settings.tls.cert_file == Path("/etc/node.crt")
+    assert settings.tls is not None and settings.tls.cert_file == tmp_path / "node.crt"
 
 
 @pytest.mark.parametrize(
@@ -80,3 +82,23 @@ def test_bad_config_stops_start_up_with_the_key(tmp_path: Path) -> None:
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize(
+    ("tls", "message"),
+    [
+        ({"cert_file": "{cert}", "key_file": "{cert}", "require_client_cert": True}, "require_client_cert needs ca_file"),
+        ({"cert_file": "{missing}", "key_file": "{cert}"}, "tls.cert_file"),
+    ],
+)
+def test_tls_settings_are_checked_at_start(tmp_path: Path, tls: dict[str, object], message: str) -> None:
+    cert = tmp_path / "node.pem"
+    cert.write_text("not checked here")
+    values = {k: v.format(cert=cert, missing=tmp_path / "absent.pem") if isinstance(v, str) else v for k, v in tls.items()}
+    with pytest.raises(ConfigError, match=message):
+        load_settings(tls=values)
+
+
+def test_several_receivers_need_a_fixed_port() -> None:
+    with pytest.raises(ConfigError, match="port 0"):
+        load_settings(port=0, receivers=2)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import text
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
+from rich.console import Console
+from pydicom.uid import generate_uid
+from sqlalchemy import Engine, text
 
 from node.admin import UnknownStudy, list_studies, requeue, show_study
 from node.config import Settings, load_settings
@@ -15,7 +20,9 @@ from node.db import make_engine, make_sessionmaker, migrate
 from node.readiness import Readiness
 from node.schema import StudyState, utcnow
 from node.store import InstanceStore
+from node.views import print_study
 from tests.support.dicomgen import GeneratedStudy, make_study
+from tests.support.services import wait_for
 
 
 def make_node(database_url: str, tmp_path: Path, **overrides: object) -> tuple[Settings, InstanceStore, Readiness]:
@@ -147,3 +154,70 @@ def test_duplicates_are_acknowledged_without_writing(sqlite_url: str, tmp_path: 
     second = store.store(ds, b"different bytes", ds.file_meta.TransferSyntaxUID, "A")
     assert (first.duplicate, second.duplicate) == (False, True)
     assert stored.stat().st_mtime_ns == before and stored.read_bytes() == study.files[0].read_bytes()
+
+
+def test_a_duplicate_under_another_study_creates_nothing(sqlite_url: str, tmp_path: Path) -> None:
+    _, store, readiness = make_node(sqlite_url, tmp_path)
+    study = make_study(tmp_path / "study", roles=("T2_AX",), slices=1)
+    receive(store, study.files)
+    ds = dcmread(study.files[0])
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.4.5", "1.2.3.4.5.6"
+    assert store.store(ds, study.files[0].read_bytes(), ds.file_meta.TransferSyntaxUID, "PACS").duplicate
+    assert [r["study_instance_uid"] for r in list_studies(readiness.sessions)] == [study.study_instance_uid]
+    assert [p.name for p in (tmp_path / "storage").rglob("*.dcm")] == [f"{ds.SOPInstanceUID}.dcm"]
+
+
+def test_an_unreadable_header_element_makes_the_series_other(sqlite_url: str, tmp_path: Path) -> None:
+    _, store, readiness = make_node(sqlite_url, tmp_path)
+    study = make_study(tmp_path / "study", roles=("T2_AX",), slices=1)
+    ds = dcmread(study.files[0])
+    ds[0x00180081] = RawDataElement(Tag(0x00180081), "DS", 3, b"1\x00\xff", 0, False, True)  # EchoTime, garbage
+    ds[0x00189087] = RawDataElement(Tag(0x00189087), "FD", 3, b"abc", 0, False, True)  # DiffusionBValue, 3 of 8 bytes
+    stored = store.store(ds, study.files[0].read_bytes(), ds.file_meta.TransferSyntaxUID, "PACS")
+    assert not stored.duplicate
+    [series] = show_study(readiness.sessions, study.study_instance_uid)["series"]
+    assert series["role"] in {"OTHER", "T2_AX"} and series["role_reason"]
+
+
+def test_markup_in_a_description_is_shown_as_text(sqlite_url: str, tmp_path: Path) -> None:
+    _, store, readiness = make_node(sqlite_url, tmp_path)
+    study = make_study(tmp_path / "study", roles=("T2_AX",), slices=1)
+    ds = dcmread(study.files[0])
+    ds.SeriesDescription = "t2_tse_tra [/] [red]x"
+    store.store(ds, study.files[0].read_bytes(), ds.file_meta.TransferSyntaxUID, "PACS")
+    console = Console(record=True, width=300)
+    print_study(show_study(readiness.sessions, study.study_instance_uid), console)
+    assert "t2_tse_tra [/] [red]x" in console.export_text()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_an_instance_committed_during_a_readiness_decision_reopens_the_study(database_url: str, tmp_path: Path) -> None:
+    """The store locks the study before inserting, so a READY decided meanwhile is undone."""
+    _, store, readiness = make_node(database_url, tmp_path)
+    study = make_study(tmp_path / "study", slices=1)
+    receive(store, study.files)
+    late = tmp_path / "late.dcm"  # one more instance of a series the store already knows
+    ds = dcmread(study.files[-1])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(late)
+    engine = store.engine
+    with engine.connect() as deciding:  # what Readiness._write_job does, held open
+        deciding.begin()
+        deciding.execute(text("SELECT id FROM studies FOR UPDATE"))
+        deciding.execute(text("UPDATE studies SET state = 'READY'"))
+        arriving = threading.Thread(target=receive, args=(store, [late]))
+        arriving.start()
+        wait_for(lambda: waiting_for_locks(engine), 30, "the store to wait for the study lock")
+        deciding.commit()
+    arriving.join(30)
+    detail = show_study(readiness.sessions, study.study_instance_uid)
+    assert detail["state"] == "RECEIVING" and detail["series"][-1]["instances"] == 2
+    assert "reopened" in [e["kind"] for e in detail["timeline"]]
+
+
+def waiting_for_locks(engine: Engine) -> int:
+    """Backends of this database waiting on a lock (a fresh statistics snapshot each call)."""
+    with engine.connect() as conn:
+        return int(conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )).scalar() or 0)

@@ -195,8 +195,9 @@ class InstanceStore:
             _fsync_dir(directory)
         learned: dict[str, tuple[int, int]] = {}
         with self.engine.begin() as conn:
-            uids = [p.ids.sop_instance_uid for p in batch]
-            indexed = set(conn.scalars(select(INSTANCES.c.sop_instance_uid).where(INSTANCES.c.sop_instance_uid.in_(uids))))
+            unplaced = [p.ids.sop_instance_uid for p in batch if p.known is None]
+            indexed = set(conn.scalars(select(INSTANCES.c.sop_instance_uid).where(INSTANCES.c.sop_instance_uid.in_(unplaced)))
+                          ) if unplaced else set()
             fresh = [p for p in batch if p.ids.sop_instance_uid not in indexed]
             placed = {p.ids.sop_instance_uid: self._place(conn, p, learned) for p in fresh}
             inserted = self._insert_instances(conn, fresh, placed) if fresh else {}
@@ -216,12 +217,12 @@ class InstanceStore:
         conn.execute(select(STUDIES.c.id).where(STUDIES.c.id.in_(study_ids)).order_by(STUDIES.c.id).with_for_update())
         rows = [{**p.instance, "study_id": placed[p.ids.sop_instance_uid].study_id,
                  "series_id": placed[p.ids.sop_instance_uid].series_id} for p in fresh]
-        result = conn.execute(
-            dialect_insert(conn, INSTANCES).values(rows)
+        statement = (
+            dialect_insert(conn, INSTANCES)
             .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
             .returning(INSTANCES.c.sop_instance_uid, INSTANCES.c.study_id)
         )
-        return {sop: study for sop, study in result}
+        return {sop: study for sop, study in conn.execute(statement, rows)}  # one cached statement, many rows
 
     @staticmethod
     def _reopen(conn: Connection, study_ids: list[int]) -> None:

@@ -196,20 +196,16 @@ class Spine:
         th, cy, cz = self._along(s)
         return s, np.cos(th) * (y - cy) + np.sin(th) * (z - cz)
 
-    def centre_y(self, s: np.ndarray) -> np.ndarray:
-        """Patient y (mm) of the centreline at arc lengths s (mm)."""
-        return self._along(s)[1]
-
     def _along(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Tangent angle (rad), centre y and z (mm) at arc lengths s: linear on the uniform table."""
+        """Tangent angle (rad), centre y and z (mm) at arc lengths s: linear on the uniform table, in s's dtype."""
         dt = s.dtype.type
         u = np.clip((s - dt(self.s[0])) * dt(1.0 / (self.s[1] - self.s[0])), 0.0, len(self.s) - 1.0001)
-        i = u.astype(np.int32)
-        w = u - i
+        w, whole = np.modf(u)
+        i = whole.astype(np.int32)
         out = []
         for table in (self.theta, self.centre[:, 1], self.centre[:, 2]):
             t0 = table.astype(s.dtype)
-            out.append(t0[i] + (t0[i + 1] - t0[i]) * w)
+            out.append(np.take(t0, i) + np.take(np.diff(t0), i) * w)
         return out[0], out[1], out[2]
 
 

@@ -8,6 +8,8 @@ in-plane partial-volume effect. Rounded intersections and smooth unions keep edg
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 Array = np.ndarray
@@ -23,17 +25,30 @@ class Canvas:
 
     def paint(self, f: Array, tissue: int | Array, delta: float, idx: Array | None = None) -> Array:
         """Paint ``tissue`` (an id, or one per voxel) with signed distance f (mm) on voxels idx; coverage."""
-        alpha = np.clip(0.5 - f * np.float32(1.0 / delta), 0.0, 1.0).astype(np.float32, copy=False)
-        hit = np.flatnonzero(alpha > 0)
-        where = hit if idx is None else idx[hit]
-        al = alpha[hit]
-        t = tissue if isinstance(tissue, int) else tissue[hit]
-        frac = self.frac[where]
-        dominant = np.where(frac >= 0.5, self.a[where], self.b[where])
-        self.b[where] = np.where(al >= 1.0, t, dominant)
+        alpha = (f * np.float32(-1.0 / delta)).astype(np.float32, copy=False)
+        alpha += 0.5
+        np.clip(alpha, 0.0, 1.0, out=alpha)
+        edge = np.flatnonzero((alpha > 0) & (alpha < 1))
+        where = edge if idx is None else idx[edge]
+        t = tissue if isinstance(tissue, int) else tissue[edge]
+        self.b[where] = np.where(self.frac[where] >= 0.5, self.a[where], self.b[where])
         self.a[where] = t
-        self.frac[where] = al
+        self.frac[where] = alpha[edge]
+        self._cover(alpha >= 1, tissue, idx)
         return alpha
+
+    def _cover(self, full: Array, tissue: int | Array, idx: Array | None) -> None:
+        """Fully cover voxels idx[full] (all voxels where full when idx is None) with ``tissue``."""
+        if idx is None and isinstance(tissue, int):
+            for arr, value in ((self.a, tissue), (self.b, tissue), (self.frac, 1.0)):
+                np.copyto(arr, value, where=full, casting="unsafe")
+            return
+        k = np.flatnonzero(full)
+        where = k if idx is None else idx[k]
+        t = tissue if isinstance(tissue, int) else tissue[k]
+        self.a[where] = t
+        self.b[where] = t
+        self.frac[where] = 1.0
 
     def labels(self) -> Array:
         """Dominant tissue per voxel."""
@@ -41,25 +56,44 @@ class Canvas:
 
     def signals(self, table: Array) -> Array:
         """Signal (contrasts, N) from a table (contrasts, ids) of pure-tissue signals."""
-        return table[:, self.a] * self.frac + table[:, self.b] * (1.0 - self.frac)
+        a, b = self.a.astype(np.intp), self.b.astype(np.intp)
+        out = np.empty((len(table), len(a)), dtype=np.float32)
+        for row, sig in zip(table, out):
+            tb = row[b]
+            np.subtract(row[a], tb, out=sig)
+            sig *= self.frac
+            sig += tb
+        return out
 
 
 def ellipse_f(dx: Array, dy: Array, rx: float | Array, ry: float | Array) -> Array:
     """Approximate signed distance (mm) to an ellipse with half axes rx, ry (mm)."""
-    return (np.sqrt((dx / rx) ** 2 + (dy / ry) ** 2) - 1.0) * np.minimum(rx, ry)
+    return (np.sqrt((dx / rx) ** 2 + (dy / ry) ** 2) - 1.0) * _scale(rx, ry, dx.dtype)
 
 
 def superellipse_f(dx: Array, dy: Array, rx: float | Array, ry: float | Array, power: float | Array) -> Array:
     """Approximate signed distance (mm) to a superellipse |dx/rx|^p + |dy/ry|^p = 1."""
     r = (np.abs(dx / rx) ** power + np.abs(dy / ry) ** power) ** (1.0 / power)
-    return (r - 1.0) * np.minimum(rx, ry)
+    return (r - 1.0) * _scale(rx, ry, dx.dtype)
+
+
+def _scale(rx: float | Array, ry: float | Array, dtype: np.dtype) -> Array:
+    """Smaller half axis (mm) in the coordinates' dtype (keeps float32 shapes float32)."""
+    return np.minimum(rx, ry).astype(dtype, copy=False)
 
 
 def round_max(fs: list[Array], radius: float) -> Array:
     """Intersection of shapes fs with edges and corners rounded by ``radius`` (mm)."""
-    inner = np.maximum.reduce(fs) + radius
-    outer = np.sqrt(sum(np.maximum(f + radius, 0.0) ** 2 for f in fs))
-    return outer + np.minimum(inner, 0.0) - radius
+    inner = functools.reduce(np.maximum, fs) + radius
+    outer = np.zeros_like(inner)
+    for f in fs:
+        part = np.maximum(f + radius, 0.0)
+        part *= part
+        outer += part
+    np.sqrt(outer, out=outer)
+    outer += np.minimum(inner, 0.0)
+    outer -= radius
+    return outer
 
 
 def smooth_min(a: Array, b: Array, k: float) -> Array:

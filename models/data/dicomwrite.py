@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
     JPEG2000Lossless,
@@ -208,9 +212,16 @@ def to_pixels(images: list[np.ndarray], rng: np.random.Generator) -> tuple[list[
     """12-bit unsigned pixels of a series' stacks and a (centre, width) window."""
     hi = float(np.percentile(np.concatenate([im[:, ::4, ::4].ravel() for im in images]), 99.7)) or 1.0
     scale = rng.uniform(1200, 3000) / hi
-    pixels = [np.clip(np.rint(im * scale), 0, 4095).astype(np.uint16) for im in images]
+    pixels = [_quantise(im * np.float32(scale)) for im in images]
     top = float(np.percentile(pixels[0][:, ::4, ::4], 99.5))
     return pixels, round(top / 2, 1), round(max(top, 1.0), 1)
+
+
+def _quantise(scaled: np.ndarray) -> np.ndarray:
+    """12-bit unsigned pixels of scaled images: rounded and clipped in place, then converted."""
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, 4095, out=scaled)
+    return scaled.astype(np.uint16)
 
 
 def _series_template(study: StudyHeader, series: SeriesInfo, window: tuple[float, float]) -> Dataset:
@@ -244,20 +255,34 @@ def _from_template(template: Dataset) -> Dataset:
     return ds
 
 
+_SliceValue = tuple[int, str, object]
+
+
+def _slice_values(study: StudyHeader, series: SeriesInfo, reverse: bool) -> list[list[_SliceValue]]:
+    """Per slice in acquisition order, (tag, VR, value) of the elements that differ between slices, in tag order."""
+    slices = [(stack, i) for stack in series.stacks for i in range(len(stack.positions))]
+    out = []
+    for n, (stack, i) in enumerate(slices):
+        out.append([
+            (0x00080018, "UI", uid(study.uid_root, series.role, series.number, "instance", n)),
+            (0x00200013, "IS", len(slices) - n if reverse else n + 1),
+            (0x00200032, "DS", [round(float(c), 4) for c in stack.positions[i]]),
+            (0x00200037, "DS", [round(float(c), 6) for c in (*stack.row_dir, *stack.col_dir)]),
+            (0x00201041, "DS", round(float(np.dot(stack.positions[i], stack.normal)), 4)),
+        ])
+    return out
+
+
 def instance_datasets(study: StudyHeader, series: SeriesInfo, pixels: list[np.ndarray], window: tuple[float, float], reverse: bool) -> list[Dataset]:
     """One MR Image dataset per slice, instance numbers in acquisition order (or reversed)."""
-    slices = [(k, i) for k, stack in enumerate(series.stacks) for i in range(len(stack.positions))]
     template = _series_template(study, series, window)
+    frames = [frame for stack in pixels for frame in stack]
     out = []
-    for n, (k, i) in enumerate(slices):
-        stack = series.stacks[k]
+    for values, frame in zip(_slice_values(study, series, reverse), frames):
         ds = _from_template(template)
-        ds.SOPInstanceUID = uid(study.uid_root, series.role, series.number, "instance", n)
-        ds.InstanceNumber = len(slices) - n if reverse else n + 1
-        ds.ImagePositionPatient = [round(float(c), 4) for c in stack.positions[i]]
-        ds.ImageOrientationPatient = [round(float(c), 6) for c in (*stack.row_dir, *stack.col_dir)]
-        ds.SliceLocation = round(float(np.dot(stack.positions[i], stack.normal)), 4)
-        ds["PixelData"] = DataElement(0x7FE00010, "OW", pixels[k][i].tobytes())
+        for tag, vr, value in values:
+            ds.add_new(tag, vr, value)
+        ds["PixelData"] = DataElement(0x7FE00010, "OW", frame.tobytes())
         out.append(ds)
     return out
 
@@ -267,21 +292,72 @@ def compress(ds: Dataset, frames: np.ndarray, compression: str | None) -> None:
     if compression is None:
         return
     if compression != "jpeg-lossless":
-        ds.compress(COMPRESSIONS[compression], frames if len(frames) > 1 else frames[0])
+        ds.compress(COMPRESSIONS[compression], frames if len(frames) > 1 else frames[0], generate_instance_uid=False)
         return
     ds.PixelData = encapsulate([encode_frame(f, int(ds.BitsStored)) for f in frames], has_bot=len(frames) > 1)
     ds["PixelData"].VR = "OB"
     ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
 
 
+_META_UID = 0x00020003  # Media Storage SOP Instance UID, the file meta's one per-slice element
+
+
+def _encode(elements: Iterable[DataElement | RawDataElement]) -> bytes:
+    """Explicit VR little endian bytes of data elements, in the order given."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    for elem in elements:
+        write_data_element(fp, elem)
+    return fp.getvalue()
+
+
+def _between(ds: Dataset, cuts: list[int]) -> list[bytes]:
+    """Encoded elements of ds before, between and after the tags ``cuts`` (len(cuts) + 1 parts)."""
+    bounds = [-1, *cuts, 1 << 32]
+    tags = sorted(ds.keys())
+    return [_encode(ds.get_item(t) for t in tags if lo < t < hi) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def _text_element(tag: int, vr: str, value: object) -> bytes:
+    """Explicit VR little endian bytes of a short UI, IS or DS element (one value or a list), as pydicom writes it."""
+    text = "\\".join(map(str, value if isinstance(value, list) else [value])).encode("ascii")
+    text += (b"\0" if vr == "UI" else b" ") * (len(text) % 2)
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode("ascii"), len(text)) + text
+
+
+def _file_bytes(meta: list[bytes], body: list[bytes], values: list[_SliceValue], frame: np.ndarray) -> bytes:
+    """A whole Part 10 file: preamble, file meta, shared and per-slice elements, OW pixel data."""
+    meta_group = meta[1] + _text_element(_META_UID, "UI", values[0][2]) + meta[2]
+    parts = [body[0]]
+    for (tag, vr, value), shared in zip(values, body[1:]):
+        parts += [_text_element(tag, vr, value), shared]
+    pixels = frame.astype("<u2", copy=False).tobytes()
+    return b"".join([
+        bytes(128), b"DICM", struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(meta_group)), meta_group,
+        *parts, struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, len(pixels)), pixels,
+    ])
+
+
 def write_series(folder: Path, study: StudyHeader, series: SeriesInfo, pixels: list[np.ndarray], window: tuple[float, float], reverse: bool = False, compression: str | None = None) -> list[Path]:
-    """Write one series as single-frame MR Image files; returns the paths."""
+    """Write one series as single-frame MR Image files; returns the paths.
+
+    Uncompressed files are assembled from the series' shared elements, encoded once, and the
+    few per-slice elements; compressed ones go through pydicom's encoders.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     frames = [frame for stack in pixels for frame in stack]
     paths = []
-    for ds, frame in zip(instance_datasets(study, series, pixels, window, reverse), frames):
-        compress(ds, frame[None], compression)
-        path = folder / f"{ds.InstanceNumber}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
+    if compression is not None:
+        for ds, frame in zip(instance_datasets(study, series, pixels, window, reverse), frames):
+            compress(ds, frame[None], compression)
+            paths.append(folder / f"{ds.InstanceNumber}.dcm")
+            ds.save_as(paths[-1], enforce_file_format=True)
+        return paths
+    template = _series_template(study, series, window)
+    values = _slice_values(study, series, reverse)
+    body = _between(template, [tag for tag, _, _ in values[0]])
+    meta = _between(template.file_meta, [0x00020000, _META_UID])
+    for slice_values, frame in zip(values, frames):
+        paths.append(folder / f"{slice_values[1][2]}.dcm")
+        paths[-1].write_bytes(_file_bytes(meta, body, slice_values, frame))
     return paths

@@ -46,7 +46,7 @@ def paint_torso(c: Canvas, sp: Spine, rx: Array, ry: Array, sz: Array, delta: fl
     c.paint(ellipse_f(rx, ry - cy, t.half_width, t.half_depth), Tissue.FAT, delta)
     inner_d = t.half_depth - (t.fat_back + t.fat_side) / 2
     c.paint(ellipse_f(rx, ry - cy - (t.fat_side - t.fat_back) / 2, t.half_width - t.fat_side, inner_d), Tissue.SOFT, delta)
-    s_of = {v.name: v.s_centre for v in sp.vertebrae}
+    s_of = {v.name: float(v.s_centre) for v in sp.vertebrae}
     ax = np.abs(rx)
     i = np.flatnonzero((ax < 80) & (ry > -50) & (ry < 32) & (sz < s_of["T12"]))
     _paint_psoas(c, sp, ax[i], ry[i], sz[i], delta, i)
@@ -60,7 +60,7 @@ def paint_torso(c: Canvas, sp: Spine, rx: Array, ry: Array, sz: Array, delta: fl
 
 def _paint_psoas(c: Canvas, sp: Spine, ax: Array, ry: Array, sz: Array, delta: float, i: Array) -> None:
     """Quadratus lumborum and psoas (teardrop, growing from L1 to L5) on both sides (mm)."""
-    s_of = {v.name: v.s_centre for v in sp.vertebrae}
+    s_of = {v.name: float(v.s_centre) for v in sp.vertebrae}
     span = s_of["L1"] - s_of["L5"]
     grow = np.clip((s_of["L1"] - sz) / span, 0.0, 1.0)
     below = np.maximum(s_of["L5"] - sz, 0.0)
@@ -87,27 +87,35 @@ def _paint_back_muscles(c: Canvas, sp: Spine, ax: Array, ry: Array, below: Array
 
 
 class _Levels:
-    """Per-voxel indices of the nearest disc j, its vertebra kv, and parameter gathers."""
+    """Per-voxel indices of the nearest disc j, its vertebra kv and side js, offset ds from the disc (mm), and gathers."""
 
-    def __init__(self, sp: Spine, s: Array, x: Array) -> None:
+    def __init__(self, sp: Spine, j: Array, ds: Array, kv: Array, js: Array) -> None:
+        self.sp, self.j, self.ds, self.kv, self.js = sp, j, ds, kv, js
+
+    @classmethod
+    def nearest(cls, sp: Spine, s: Array, x: Array) -> _Levels:
+        """Indices for voxels at arc length s and lateral offset x (mm)."""
         sc = np.array([lv.s_centre for lv in sp.levels])
-        self.j = np.searchsorted((sc[1:] + sc[:-1]) / 2, s)
-        self.ds = (s - sc[self.j]).astype(F32)
-        self.kv = self.j + (self.ds > 0)
-        self.js = 2 * self.j + (x <= 0)
-        self.sp = sp
+        j = np.searchsorted((sc[1:] + sc[:-1]) / 2, s)
+        ds = (s - sc[j]).astype(F32)
+        return cls(sp, j, ds, j + (ds > 0), 2 * j + (x <= 0))
 
-    def disc(self, attr: str, i: Array) -> Array:
-        """Attribute of the nearest disc Level on voxels i."""
-        return np.array([getattr(lv, attr) for lv in self.sp.levels], dtype=F32)[self.j[i]]
+    def at(self, i: Array) -> _Levels:
+        """The same indices restricted to voxels i."""
+        return _Levels(self.sp, self.j[i], self.ds[i], self.kv[i], self.js[i])
 
-    def side(self, attr: str, i: Array) -> Array:
-        """Attribute of the nearest disc's Side on the voxel's side (x > 0 left), voxels i."""
-        return np.array([getattr(side, attr) for lv in self.sp.levels for side in (lv.left, lv.right)], dtype=F32)[self.js[i]]
+    def disc(self, attr: str, i: Array | None = None) -> Array:
+        """Attribute of the nearest disc Level per voxel (on voxels i when given)."""
+        return np.array([getattr(lv, attr) for lv in self.sp.levels], dtype=F32)[self.j if i is None else self.j[i]]
 
-    def vert(self, attr: str, i: Array) -> Array:
-        """Attribute of the voxel's vertebra (VERTEBRAE order) on voxels i."""
-        return np.array([getattr(v, attr) for v in self.sp.vertebrae], dtype=F32)[self.kv[i]]
+    def side(self, attr: str, i: Array | None = None) -> Array:
+        """Attribute of the nearest disc's Side on the voxel's side (x > 0 left), per voxel (on voxels i when given)."""
+        table = np.array([getattr(side, attr) for lv in self.sp.levels for side in (lv.left, lv.right)], dtype=F32)
+        return table[self.js if i is None else self.js[i]]
+
+    def vert(self, attr: str, i: Array | None = None) -> Array:
+        """Attribute of the voxel's vertebra (VERTEBRAE order) per voxel (on voxels i when given)."""
+        return np.array([getattr(v, attr) for v in self.sp.vertebrae], dtype=F32)[self.kv if i is None else self.kv[i]]
 
 
 def _bone(c: Canvas, f: Array, delta: float, idx: Array) -> None:
@@ -118,68 +126,70 @@ def _bone(c: Canvas, f: Array, delta: float, idx: Array) -> None:
 
 def paint_spine(c: Canvas, sp: Spine, s: Array, v: Array, x: Array, idx: Array, delta: float) -> None:
     """Paint the spinal column, arch, canal and roots on voxels idx (straightened mm)."""
-    g = _Levels(sp, s, x)
+    g = _Levels.nearest(sp, s, x)
     arch = np.flatnonzero((v > 4) & (v < 72) & (np.abs(x) < 52))
-    prof, v_back = _arch_front(g, s, v, x, arch)
-    fat = round_max([4.0 - v[arch], v[arch] - v_back - 2.0, np.abs(x[arch]) - g.side("foramen_x", arch) - 1.0], 5.0)
+    ga = g.at(arch)
+    prof, v_back = _arch_front(ga, v[arch], x[arch])
+    fat = round_max([4.0 - v[arch], v[arch] - v_back - 2.0, np.abs(x[arch]) - ga.side("foramen_x") - 1.0], 5.0)
     c.paint(fat, Tissue.FAT, delta, idx[arch])
     _paint_column(c, g, s, v, x, idx, delta)
-    _paint_arch(c, g, s, v, x, idx, arch, prof, v_back, delta)
+    _paint_arch(c, ga, s, v, x, idx, arch, prof, v_back, delta)
     _paint_canal(c, sp, g, s, v, x, idx, delta)
     near = np.flatnonzero((np.abs(g.ds) < 22) & (np.abs(x) > 5) & (np.abs(x) < 52) & (v > 5) & (v < 45))
-    _paint_roots(c, g, v, x, idx, near, delta)
+    _paint_roots(c, g.at(near), v, x, idx, near, delta)
 
 
 def _paint_column(c: Canvas, g: _Levels, s: Array, v: Array, x: Array, idx: Array, delta: float) -> None:
     """Vertebral bodies, discs (annulus, bulge, nucleus) on the anterior column's voxels."""
     i = np.flatnonzero((v > -26) & (v < 30) & (np.abs(x) < 32))
-    vv, xv, ds = v[i], x[i], g.ds[i]
-    h, wedge, dd, wd = g.disc("height", i), g.disc("wedge", i), g.disc("depth", i), g.disc("width", i)
-    dv, wv, hv = g.vert("depth", i), g.vert("width", i), g.vert("height", i)
+    g = g.at(i)
+    vv, xv, ds = v[i], x[i], g.ds
+    h, wedge, dd, wd = g.disc("height"), g.disc("wedge"), g.disc("depth"), g.disc("width")
+    dv, wv, hv = g.vert("depth"), g.vert("width"), g.vert("height")
     dome = 1.0 - np.minimum((xv / (wd / 2)) ** 2 + (vv / (dd / 2)) ** 2, 1.0)
-    hh = 0.5 * (h - wedge * vv) + np.where(ds > 0, ENDPLATE_CAUDAL, ENDPLATE_CRANIAL) * dome
-    bulge = bulge_at(xv, g.disc("bulge_central", i), g.side("bulge_paracentral", i), g.side("recess_x", i),
-                     g.side("bulge_foraminal", i), g.side("foramen_x", i)) * bulge_weight(ds, h)
-    v_disc = np.where(vv > 0, vv + concavity_at(xv, g.disc("concavity", i), wd / 2) - bulge, vv)
+    hh = 0.5 * (h - wedge * vv) + np.where(ds > 0, F32(ENDPLATE_CAUDAL), F32(ENDPLATE_CRANIAL)) * dome
+    bulge = bulge_at(xv, g.disc("bulge_central"), g.side("bulge_paracentral"), g.side("recess_x"),
+                     g.side("bulge_foraminal"), g.side("foramen_x")) * bulge_weight(ds, h)
+    v_disc = np.where(vv > 0, vv + concavity_at(xv, g.disc("concavity"), wd / 2) - bulge, vv)
     power = np.where(vv > 0, F32(SECTION_POWER[1]), F32(SECTION_POWER[0]))
     f_disc_xs = superellipse_f(xv, v_disc, wd / 2, dd / 2, power)
     ext = np.maximum.reduce([f_disc_xs, np.abs(ds) - h / 2 - 8.0, 0.3 - bulge, -vv])
     c.paint(ext, Tissue.ANNULUS, delta, idx[i])
-    dsv = s[i] - g.vert("s_centre", i)
+    dsv = s[i] - g.vert("s_centre")
     waist = 1.0 - 0.06 * np.maximum(1.0 - (2.0 * dsv / hv) ** 2, 0.0)
-    v_body = np.where(vv > 0, vv + concavity_at(xv, g.vert("concavity", i), wv / 2), vv / waist)
+    v_body = np.where(vv > 0, vv + concavity_at(xv, g.vert("concavity"), wv / 2), vv / waist)
     f_body = round_max([superellipse_f(xv, v_body, wv / 2, dv / 2, power), hh - np.abs(ds)], 1.5)
     _bone(c, f_body, delta, idx[i])
     c.paint(round_max([f_disc_xs, np.abs(ds) - hh], 0.7), Tissue.ANNULUS, delta, idx[i])
     rs = np.maximum(0.62 * hh, 0.5)
     f_np = (np.sqrt((xv / (0.34 * wd)) ** 2 + ((vv - 0.06 * dd) / (0.3 * dd)) ** 2 + (ds / rs) ** 2) - 1.0) * rs
-    c.paint(f_np, (NUCLEUS_BASE + g.j[i]).astype(np.int16), 3.0 * delta, idx[i])
+    c.paint(f_np, (NUCLEUS_BASE + g.j).astype(np.int16), 3.0 * delta, idx[i])
 
 
-def _arch_front(g: _Levels, s: Array, v: Array, x: Array, i: Array) -> tuple[Array, Array]:
-    """Front of the posterior elements on voxels i: SAP/LF profile at the disc, and blended (mm)."""
-    ax = np.abs(x[i])
-    xr, xf = g.side("recess_x", i), g.side("foramen_x", i)
-    sap_r, sap_f, lf_front = g.side("sap_front_recess", i), g.side("sap_front_foramen", i), g.disc("lf_front", i)
+def _arch_front(g: _Levels, v: Array, x: Array) -> tuple[Array, Array]:
+    """Front of the posterior elements at g's voxels (v, x): SAP/LF profile at the disc, and blended (mm)."""
+    ax = np.abs(x)
+    xr, xf = g.side("recess_x"), g.side("foramen_x")
+    sap_r, sap_f, lf_front = g.side("sap_front_recess"), g.side("sap_front_foramen"), g.disc("lf_front")
     t_in = np.clip(ax / xr, 0, 1)
     t_out = np.clip((ax - xr) / (xf - xr), 0, 1)
     prof = np.where(ax <= xr, lf_front + (sap_r - lf_front) * t_in * t_in * (3 - 2 * t_in),
                     sap_r + (sap_f - sap_r) * t_out * t_out * (3 - 2 * t_out))
-    wds = np.exp(-((g.ds[i] / (g.disc("height", i) / 2 + 5.0)) ** 2))
-    lam = g.vert("lamina_front", i)
-    xp = g.vert("interpedicular", i) / 2
+    wds = np.exp(-((g.ds / (g.disc("height") / 2 + 5.0)) ** 2))
+    lam = g.vert("lamina_front")
+    xp = g.vert("interpedicular") / 2
     roof = lam - 4.0 * np.clip(ax / xp, 0, 1) ** 2
     return prof, roof + (prof - roof) * wds
 
 
 def _paint_arch(c: Canvas, g: _Levels, s: Array, v: Array, x: Array, idx: Array, i: Array, prof: Array, v_back: Array, delta: float) -> None:
-    """Pedicles, laminae, spinous and transverse processes, facets, joint line, ligamentum flavum."""
-    vv, ax, ds = v[i], np.abs(x[i]), g.ds[i]
-    lam, dv, hv = g.vert("lamina_front", i), g.vert("depth", i), g.vert("height", i)
-    dsv = s[i] - g.vert("s_centre", i)
-    pw = g.vert("pedicle_width", i)
-    xp = g.vert("interpedicular", i) / 2 + pw / 2
-    xr, xf, h = g.side("recess_x", i), g.side("foramen_x", i), g.disc("height", i)
+    """Pedicles, laminae, spinous and transverse processes, facets, joint line, ligamentum flavum (g on voxels i)."""
+    vv, ax, ds = v[i], np.abs(x[i]), g.ds
+    lam, dv, hv = g.vert("lamina_front"), g.vert("depth"), g.vert("height")
+    dsv = s[i] - g.vert("s_centre")
+    pw = g.vert("pedicle_width")
+    xp = g.vert("interpedicular") / 2 + pw / 2
+    xr, xf, h = g.side("recess_x"), g.side("foramen_x"), g.disc("height")
     f = np.full(len(i), 50.0, dtype=F32)
     parts = [
         (ax < xp + 4, lambda k: round_max([v_back[k] - vv[k], vv[k] - v_back[k] - 7.5, ax[k] - xp[k] - 1.0,
@@ -192,8 +202,8 @@ def _paint_arch(c: Canvas, g: _Levels, s: Array, v: Array, x: Array, idx: Array,
                                                      4.0 - 1.5 * np.clip((ax[k] - xp[k]) / 28, 0, 1), 5.0 - 2.0 * np.clip((ax[k] - xp[k]) / 28, 0, 1)),
                                            xp[k] - ax[k], ax[k] - xp[k] - 28.0], 2.0)),
     ]
-    root_top = g.side("root_s", i) - g.disc("s_centre", i) + ROOT_RADIUS + 2.5
-    xc, vc = (xr + xf) / 2 + 2.0, g.side("sap_front_recess", i) + 9.0
+    root_top = g.side("root_s") - g.disc("s_centre") + ROOT_RADIUS + 2.5
+    xc, vc = (xr + xf) / 2 + 2.0, g.side("sap_front_recess") + 9.0
     facet_zone = (ax > xr - 3) & (ax < xf + 10) & (ds > -h / 2 - 12) & (ds < root_top + 2)
     parts.append((facet_zone, lambda k: round_max([xr[k] - 1 - ax[k], prof[k] - vv[k], ellipse_f(ax[k] - xc[k], vv[k] - vc[k], (xf[k] - xr[k]) / 2 + 6, 10.0),
                                                    -ds[k] - h[k] / 2 - 10, ds[k] - root_top[k]], 2.0)))
@@ -202,12 +212,12 @@ def _paint_arch(c: Canvas, g: _Levels, s: Array, v: Array, x: Array, idx: Array,
         f[k] = smooth_min(f[k], shape(k), 2.0)
     _bone(c, f, delta, idx[i])
     k = np.flatnonzero(facet_zone)
-    angle = g.disc("facet_angle", i[k])
+    angle = g.disc("facet_angle", k)
     d = (ax[k] - xc[k]) * np.cos(angle) - (vv[k] - vc[k]) * np.sin(angle)
     f_facet = parts[-1][1](k)
     c.paint(np.maximum(np.abs(d) - 0.6, f_facet + 1.2), Tissue.JOINT, delta, idx[i[k]])
     k = np.flatnonzero((ax < xr + 3) & (np.abs(ds) < h / 2 + 11))
-    t_lf = g.disc("lf_thickness", i[k]) * np.exp(-((ds[k] / (h[k] / 2 + 5.0)) ** 2))
+    t_lf = g.disc("lf_thickness", k) * np.exp(-((ds[k] / (h[k] / 2 + 5.0)) ** 2))
     f_lf = round_max([v_back[k] - vv[k], vv[k] - v_back[k] - t_lf, ax[k] - xr[k] - 1.0, np.abs(ds[k]) - h[k] / 2 - 9.0], 1.0)
     c.paint(f_lf, Tissue.LIGAMENT, delta, idx[i[k]])
 
@@ -221,18 +231,19 @@ _CAUDA: tuple[tuple[float, float], ...] = tuple(
 def _paint_canal(c: Canvas, sp: Spine, g: _Levels, s: Array, v: Array, x: Array, idx: Array, delta: float) -> None:
     """Dural sac (CSF), conus and cauda equina."""
     i = np.flatnonzero((v > 2) & (v < 50) & (np.abs(x) < 16))
-    sv, vv, xv, ds = s[i], v[i], x[i], g.ds[i]
-    h = g.disc("height", i)
+    g = g.at(i)
+    sv, vv, xv, ds = s[i], v[i], x[i], g.ds
+    h = g.disc("height")
     wds = np.exp(-((ds / (h / 2 + 5.0)) ** 2))
-    r_ap0, r_lr0 = g.disc("sac_r_ap0", i), g.disc("sac_r_lr0", i)
-    v0 = g.vert("depth", i) / 2 + 1.0 + r_ap0
-    v_sc = v0 + (g.disc("sac_v", i) - v0) * wds
-    r_ap = r_ap0 + (g.disc("sac_r_ap", i) - r_ap0) * wds
-    r_lr = r_lr0 + (g.disc("sac_r_lr", i) - r_lr0) * wds
-    taper = np.clip((sv - sp.sac_end_s) / 15.0, 0.05, 1.0)
+    r_ap0, r_lr0 = g.disc("sac_r_ap0"), g.disc("sac_r_lr0")
+    v0 = g.vert("depth") / 2 + 1.0 + r_ap0
+    v_sc = v0 + (g.disc("sac_v") - v0) * wds
+    r_ap = r_ap0 + (g.disc("sac_r_ap") - r_ap0) * wds
+    r_lr = r_lr0 + (g.disc("sac_r_lr") - r_lr0) * wds
+    taper = np.clip((sv - float(sp.sac_end_s)) / 15.0, 0.05, 1.0)
     sac = c.paint(ellipse_f(xv, vv - v_sc, r_lr * taper, r_ap * taper), Tissue.CSF, delta, idx[i])
-    cord = np.clip((sv - sp.conus_s) / 15.0, 0.0, 1.0)
-    c.paint(ellipse_f(xv, vv - v_sc, 5.0 * cord + 0.01, 4.0 * cord + 0.01) + 10.0 * (cord <= 0), Tissue.CORD, delta, idx[i])
+    cord = np.clip((sv - float(sp.conus_s)) / 15.0, 0.0, 1.0)
+    c.paint(ellipse_f(xv, vv - v_sc, 5.0 * cord + 0.01, 4.0 * cord + 0.01) + F32(10.0) * (cord <= 0), Tissue.CORD, delta, idx[i])
     k = np.flatnonzero((sac > 0.2) & (sv < sp.conus_s + 5))
     for xn, yn in _CAUDA:
         f_root = np.hypot(xv[k] - xn * r_lr[k], vv[k] - v_sc[k] - yn * r_ap[k]) - 1.0
@@ -240,17 +251,17 @@ def _paint_canal(c: Canvas, sp: Spine, g: _Levels, s: Array, v: Array, x: Array,
 
 
 def _paint_roots(c: Canvas, g: _Levels, v: Array, x: Array, idx: Array, near: Array, delta: float) -> None:
-    """Exiting roots through the foramina (with ganglia) and traversing roots in the lateral recesses."""
-    ax, vn, ds = np.abs(x[near]), v[near], g.ds[near]
-    xf, xr = g.side("foramen_x", near), g.side("recess_x", near)
-    sc = g.disc("s_centre", near)
-    root_s, root_v, r_ap = g.side("root_s", near), g.side("root_v", near), g.side("root_r_ap", near)
+    """Exiting roots through the foramina (with ganglia) and traversing roots in the lateral recesses (g on voxels near)."""
+    ax, vn, ds = np.abs(x[near]), v[near], g.ds
+    xf, xr = g.side("foramen_x"), g.side("recess_x")
+    sc = g.disc("s_centre")
+    root_s, root_v, r_ap = g.side("root_s"), g.side("root_v"), g.side("root_r_ap")
     s_path = root_s - sc + 0.45 * np.maximum(xf - ax, 0.0)
     drg = 1.0 + 0.35 * np.exp(-(((ax - xf - 6.0) / 3.0) ** 2))
     f_exit = np.maximum(ellipse_f(ds - s_path, vn - root_v, ROOT_RADIUS * drg, r_ap * drg), np.maximum(xr - ax, ax - xf - 16))
     c.paint(f_exit, Tissue.NERVE, delta, idx[near])
-    depth = g.side("recess_depth", near)
-    front = g.side("sap_front_recess", near) - depth
+    depth = g.side("recess_depth")
+    front = g.side("sap_front_recess") - depth
     r_t = np.minimum(TRAVERSING_RADIUS, depth / 2 + 0.2)
-    f_trav = np.maximum(ellipse_f(ax - (xr - 1.0), vn - front - depth / 2, TRAVERSING_RADIUS, r_t), np.abs(ds) - g.disc("height", near) / 2 - 8)
+    f_trav = np.maximum(ellipse_f(ax - (xr - 1.0), vn - front - depth / 2, TRAVERSING_RADIUS, r_t), np.abs(ds) - g.disc("height") / 2 - 8)
     c.paint(f_trav, Tissue.NERVE, delta, idx[near])

@@ -8,7 +8,9 @@ Modelling choices:
 - Images are sampled on the acquisition matrix and their k-space zero-filled to the
   reconstruction matrix (truncation ringing and blur as on a scanner), done as two small real
   matrix products per stack (the zero-filled DFT is linear); complex Gaussian noise is
-  then added per reconstructed pixel and the magnitude taken (Rician noise floor).
+  then added per reconstructed pixel and the magnitude taken (Rician noise floor). The
+  Gaussian draws are table lookups: the normal quantile of a uniform 16-bit integer (65536
+  levels, tails cut at 4.3 sigma), far finer than the 12-bit pixels and ~3x faster to draw.
 - The receive bias is a spine-coil profile: sensitivity falls with distance anterior to the skin
   of the back, plus a gentle cranio-caudal fall-off.
 - The shapes and their painting order are in ``paint.py``; only voxels near the spine are
@@ -17,6 +19,8 @@ Modelling choices:
 
 from __future__ import annotations
 
+import functools
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,39 +62,39 @@ class Stack:
         return m
 
 
-def _torso_coords(sp: Spine, p: Array) -> tuple[Array, Array, Array]:
-    """Arc length at the point's height, and x, y from the centreline there (mm), per point."""
-    sz = np.interp(p[:, 2], sp.centre[:, 2], sp.s).astype(np.float32)
-    ry = p[:, 1] - sp.centre_y(sz)
-    return sz, p[:, 0] - np.float32(sp.x0), ry
+def _torso_coords(sp: Spine, q: Array) -> tuple[Array, Array, Array]:
+    """Arc length at the point's height, and x, y from the centreline there (mm), per point of q (3, N)."""
+    sz = np.interp(q[2], sp.centre[:, 2], sp.s).astype(np.float32)
+    ry = q[1] - np.interp(q[2], sp.centre[:, 2], sp.centre[:, 1]).astype(np.float32)
+    return sz, q[0] - np.float32(sp.x0), ry
 
 
-def _paint(sp: Spine, p: Array, sz: Array, rx: Array, ry: Array, delta: float) -> Canvas:
-    """Tissue mixture at points p (N, 3) given their torso coordinates (mm)."""
-    c = Canvas(len(p))
+def _paint(sp: Spine, q: Array, sz: Array, rx: Array, ry: Array, delta: float) -> Canvas:
+    """Tissue mixture at points q (3, N), patient mm, given their torso coordinates (mm)."""
+    c = Canvas(q.shape[1])
     paint_torso(c, sp, rx, ry, sz, delta)
     near = np.flatnonzero((np.abs(rx) < 56.0) & (ry > -45.0) & (ry < 100.0))
-    s, v = sp.straighten(p[near, 1], p[near, 2])
+    s, v = sp.straighten(q[1, near], q[2, near])
     box = (v > -30) & (v < 75) & (s > sp.s[0] + 5) & (s < sp.s[-1] - 5)
     idx = near[box]
-    paint_spine(c, sp, s[box].astype(np.float32), v[box].astype(np.float32), rx[idx], idx, delta)
+    paint_spine(c, sp, s[box], v[box], rx[idx], idx, delta)
     return c
 
 
 def render_points(sp: Spine, p: Array, delta: float) -> Canvas:
     """Tissue mixture at patient points p (N, 3), LPS mm, painted with edge width delta (mm)."""
-    p = np.asarray(p, dtype=np.float32)
-    return _paint(sp, p, *_torso_coords(sp, p), delta)
+    q = np.ascontiguousarray(np.asarray(p, dtype=np.float32).T)
+    return _paint(sp, q, *_torso_coords(sp, q), delta)
 
 
-def stack_points(stack: Stack, k: int, offset: float = 0.0) -> np.ndarray:
-    """Acquisition-grid voxel centres of slice k (acq_rows*acq_cols, 3), patient mm, row-major."""
+def stack_points(stack: Stack, offset: float = 0.0) -> np.ndarray:
+    """Acquisition-grid voxel centres (3, slices*acq_rows*acq_cols) as x, y, z rows, patient mm, slice-major."""
     dr = stack.pixel_spacing[0] * stack.rows / stack.acq_rows
     dc = stack.pixel_spacing[1] * stack.cols / stack.acq_cols
-    i = np.arange(stack.acq_rows, dtype=np.float32)[:, None, None]
-    j = np.arange(stack.acq_cols, dtype=np.float32)[None, :, None]
-    origin = stack.positions[k] + offset * stack.normal
-    return (origin + i * dr * stack.col_dir + j * dc * stack.row_dir).reshape(-1, 3).astype(np.float32)
+    origin = (stack.positions + offset * stack.normal).T.astype(np.float32)[:, :, None, None]
+    down = (np.arange(stack.acq_rows) * dr * stack.col_dir[:, None]).astype(np.float32)[:, None, :, None]
+    across = (np.arange(stack.acq_cols) * dc * stack.row_dir[:, None]).astype(np.float32)[:, None, None, :]
+    return (origin + down + across).reshape(3, -1)
 
 
 def coil_bias(sp: Spine, sz: Array, ry: Array, falloff: float) -> Array:
@@ -114,9 +118,8 @@ def zero_fill_matrix(n: int, m: int) -> Array:
 def zero_fill(img: Array, rows: int, cols: int) -> Array:
     """Zero-filled k-space interpolation of real images (..., r, c) to (..., rows, cols)."""
     lead, (r, c) = img.shape[:-2], img.shape[-2:]
-    out = img.reshape(-1, c) @ zero_fill_matrix(c, cols).T
-    out = out.reshape(-1, r, cols).transpose(0, 2, 1).reshape(-1, r) @ zero_fill_matrix(r, rows).T
-    return np.ascontiguousarray(out.reshape(-1, cols, rows).transpose(0, 2, 1)).reshape(*lead, rows, cols)
+    wide = (img.reshape(-1, c) @ zero_fill_matrix(c, cols).T).reshape(-1, r, cols)
+    return (zero_fill_matrix(r, rows) @ wide).reshape(*lead, rows, cols)
 
 
 def signal_table(tissues: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
@@ -138,25 +141,36 @@ def render_stack(
     acc = np.zeros((table.shape[0], n * ar * ac), dtype=np.float32)
     labels = np.zeros(n * ar * ac, dtype=np.int16)
     for o in offsets:
-        p = np.concatenate([stack_points(stack, k, o) for k in range(n)])
-        sz, rx, ry = _torso_coords(sp, p)
-        canvas = _paint(sp, p, sz, rx, ry, delta)
-        acc += canvas.signals(table) * (coil_bias(sp, sz, ry, falloff) / len(offsets))
+        q = stack_points(stack, o)
+        sz, rx, ry = _torso_coords(sp, q)
+        canvas = _paint(sp, q, sz, rx, ry, delta)
+        signal = canvas.signals(table)
+        signal *= coil_bias(sp, sz, ry, falloff) / len(offsets)
+        acc += signal
         if o == offsets[len(offsets) // 2]:
             labels = canvas.labels()
     img = zero_fill(acc.reshape(-1, n, ar, ac), stack.rows, stack.cols)
-    scale = (noise * table.max(axis=1)).astype(np.float32)[:, None, None, None]
+    scale = (noise * table.max(axis=1)).astype(np.float32)
     return _rician(img, scale, rng), labels.reshape(n, ar, ac)
 
 
+@functools.cache
+def _normal_quantiles() -> Array:
+    """Standard normal quantiles at the 2**16 uint16 cell centres (float32): a table sampler."""
+    nd = statistics.NormalDist()
+    return np.array([nd.inv_cdf((k + 0.5) / 65536) for k in range(65536)], dtype=np.float32)
+
+
 def _rician(img: Array, scale: Array, rng: np.random.Generator) -> Array:
-    """Magnitude of img plus complex Gaussian noise of standard deviation scale, in place (float32)."""
-    noise = rng.standard_normal(img.shape, dtype=np.float32)
-    noise *= scale
-    img += noise
-    img *= img
-    rng.standard_normal(img.shape, dtype=np.float32, out=noise)
-    noise *= scale
-    noise *= noise
-    img += noise
-    return np.sqrt(img, out=img)
+    """Magnitude of img (contrasts, slices, rows, cols) plus complex Gaussian noise of std scale (contrasts,), in place."""
+    noise = np.empty((2, *img.shape[-2:]), dtype=np.float32)
+    for c, stack in enumerate(img):
+        table = _normal_quantiles() * scale[c]
+        for im in stack:
+            np.take(table, rng.integers(0, 65536, noise.shape, dtype=np.uint16), out=noise)
+            im += noise[0]
+            im *= im
+            np.square(noise[1], out=noise[1])
+            im += noise[1]
+            np.sqrt(im, out=im)
+    return img

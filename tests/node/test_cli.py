@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from pydicom import dcmread
@@ -42,3 +44,19 @@ def test_admin_commands(sqlite_url: str, tmp_path: Path) -> None:
     assert shown["state"] == "READY"
     assert shown["jobs"][0]["partial"] is True and shown["jobs"][0]["missing_roles"] == ["T2_AX"]
     assert shown["timeline"][-1]["kind"] == "requeued" and shown["timeline"][-1]["actor"].startswith("cli:")
+
+
+def test_phantom_commands(tmp_path: Path) -> None:
+    def run(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "1 studies written" in run("phantom", "--out", str(tmp_path / "p"), "--studies", "1", "--seed", "3",
+                                      "--omit", "STIR_SAG", "--axial", "single")
+    [study] = [p for p in (tmp_path / "p").iterdir() if p.is_dir()]
+    truth = json.loads((study / "truth.json").read_text())
+    assert set(truth["levels"]) == {"L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"}
+    assert len([p for p in study.iterdir() if p.is_dir()]) == 3  # T1, T2 sagittal and axial T2
+    run("phantom-sheet", str(study), "--out", str(tmp_path / "sheet.png"))
+    assert (tmp_path / "sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

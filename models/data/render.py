@@ -52,15 +52,6 @@ class Stack:
         """Slice normal, row_dir x col_dir."""
         return np.cross(self.row_dir, self.col_dir)
 
-    def affine(self, k: int) -> np.ndarray:
-        """4x4 map from (column, row, 0, 1) pixel indices of slice k to patient LPS mm."""
-        m = np.eye(4)
-        m[:3, 0] = self.row_dir * self.pixel_spacing[1]
-        m[:3, 1] = self.col_dir * self.pixel_spacing[0]
-        m[:3, 2] = self.normal
-        m[:3, 3] = self.positions[k]
-        return m
-
 
 def _torso_coords(sp: Spine, q: Array) -> tuple[Array, Array, Array]:
     """Arc length at the point's height, and x, y from the centreline there (mm), per point of q (3, N)."""

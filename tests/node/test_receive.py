@@ -306,3 +306,15 @@ def test_dicom_tls(node_factory: NodeFactory, sqlite_url: str, tmp_path: Path) -
     assert sent.returncode == 0, sent.stderr
     assert studies(node)[0]["instances"] == 2
     assert len(study.files) == 2
+
+
+def test_a_dataset_of_another_sop_class_than_its_context_is_refused(node_factory: NodeFactory, sqlite_url: str,
+                                                                    tmp_path: Path) -> None:
+    study = make_study(tmp_path / "study", roles=("T2_AX",), slices=1)
+    ds = dcmread(study.files[0])
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage: the context
+    ds.save_as(study.files[0])  # the dataset itself still says MR Image Storage
+    node = node_factory(sqlite_url)
+    assert send_raw(node.port, study.files[0]) == 0xA900
+    assert_nothing_stored(node)
+    assert "does not match the context" in (node.workdir / "node.log").read_text()

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db import transaction
+from node.db import reading, transaction
 from node.readiness import cancel_open_jobs, missing_roles
 from node.schema import Delivery, Event, Instance, Job, JobKind, Result, Series, Study, StudyState
 from node.series import SeriesRole
@@ -36,7 +36,7 @@ def list_studies(sessions: sessionmaker[Session], state: StudyState | None = Non
     )
     if state is not None:
         query = query.where(Study.state == state.value)
-    with sessions() as session:
+    with reading(sessions) as session:
         return [
             {"study_instance_uid": uid, "state": st, "instances": n or 0, "series": s or 0, "updated_at": _iso(at)}
             for uid, st, at, n, s in session.execute(query)
@@ -45,7 +45,7 @@ def list_studies(sessions: sessionmaker[Session], state: StudyState | None = Non
 
 def show_study(sessions: sessionmaker[Session], study_instance_uid: str) -> dict[str, Any]:
     """One study in full: series with roles and reasons, jobs, timeline, result, deliveries."""
-    with sessions() as session:
+    with reading(sessions) as session:
         study = _study(session, study_instance_uid)
         counts = dict(
             session.execute(

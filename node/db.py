@@ -65,6 +65,14 @@ def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
+@contextmanager
+def reading(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """A session that only reads: on SQLite it does not take the write lock (BEGIN DEFERRED)."""
+    with sessions() as session:
+        session.connection(execution_options={"sqlite_begin": "DEFERRED"})
+        yield session
+
+
 def alembic_config(database_url: str) -> Config:
     """An Alembic config for ``migrations/``, usable from an installed package."""
     config = Config()

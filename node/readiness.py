@@ -17,7 +17,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import IncompletePolicy, Settings
-from node.db import transaction
+from node.db import reading, transaction
 from node.schema import Event, Instance, Job, JobKind, JobState, Series, Study, StudyState, utcnow
 from node.series import SeriesRole
 
@@ -78,7 +78,7 @@ class Readiness:
         return None if next_deadline is None else max(0.0, (next_deadline - now).total_seconds())
 
     def _pending(self) -> list[Pending]:
-        with self.sessions() as session:
+        with reading(self.sessions) as session:
             rows = session.execute(
                 select(
                     Study.id,

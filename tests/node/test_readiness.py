@@ -221,3 +221,20 @@ def waiting_for_locks(engine: Engine) -> int:
         return int(conn.execute(text(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
         )).scalar() or 0)
+
+
+def test_reads_do_not_wait_for_a_writer_on_sqlite(sqlite_url: str, tmp_path: Path) -> None:
+    _, store, readiness = make_node(sqlite_url, tmp_path)
+    study = make_study(tmp_path / "study", slices=1)
+    receive(store, study.files)
+    with store.engine.connect() as writer:
+        writer.begin()  # BEGIN IMMEDIATE: holds the write lock until the end of this block
+        writer.execute(text("UPDATE studies SET state = 'RECEIVING'"))
+        done: list[object] = []
+        reader = threading.Thread(target=lambda: done.extend([list_studies(readiness.sessions),
+                                                              show_study(readiness.sessions, study.study_instance_uid),
+                                                              readiness.check()]))
+        reader.start()
+        wait_for(lambda: len(done) == 3, 20, "the reads to finish while the writer holds the lock")
+        writer.rollback()
+    reader.join(10)

@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench-ingest clean
+.PHONY: install system-deps demo test bench-ingest clean
 
 install: $(STAMP)
 
@@ -16,13 +16,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+system-deps:
+	tools/system-deps
+
 demo: install
 	$(BIN)/spine-node demo
 
-test: install
+test: install system-deps
 	$(BIN)/python -m pytest
 
-bench-ingest: install
+bench-ingest: install system-deps
 	$(BIN)/python -m bench.ingest
 
 clean:

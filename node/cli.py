@@ -22,7 +22,8 @@ from node.config import ConfigError, Settings, load_settings, reference_markdown
 from node.db import make_engine, make_sessionmaker, migrate
 from node.demo import run_demo
 from node.schema import StudyState
-from node.service import configure_logging, serve
+from node.logs import configure_logging
+from node.service import serve
 from node.views import make_console, print_study, studies_table
 
 

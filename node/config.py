@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     broker_url: str = Field("", description="Celery broker (Redis) URL; empty runs grading in-process (embedded mode).")
     allowed_callers: list[Caller] = Field(default_factory=list, description="Calling AE title (+ host) allowlist: list of tables with ae_title and optional host; empty admits every caller.")
     max_associations: int = Field(16, ge=1, le=1000, description="Most simultaneous associations per receiver process.")
-    receivers: int = Field(1, ge=1, le=64, description="Receiving processes sharing the port (SO_REUSEPORT); one core each.")
+    receivers: int = Field(1, ge=1, le=64, description="Receiving processes; with more than one, the main process hands each connection to the least busy.")
     quiet_period_s: float = Field(30.0, ge=0, description="Seconds without new instances before a complete study is READY.")
     study_timeout_s: float = Field(600.0, gt=0, description="Seconds after the last instance before an incomplete study is decided.")
     incomplete_policy: IncompletePolicy = Field(IncompletePolicy.GRADE_PARTIAL, description="At timeout with a role missing: grade what is there, or mark the study INCOMPLETE.")
@@ -108,8 +108,6 @@ class Settings(BaseSettings):
     def _study_timeout_after_quiet(self) -> "Settings":
         if self.study_timeout_s < self.quiet_period_s:
             raise ValueError("study_timeout_s must not be shorter than quiet_period_s")
-        if self.port == 0 and self.receivers > 1:
-            raise ValueError("port 0 (any free port) cannot be shared by several receivers: set a port")
         return self
 
     @classmethod

@@ -2,7 +2,7 @@
 
 The C-STORE handler only stores and records (:class:`~node.store.InstanceStore`); every
 error becomes a DICOM status here, in one place. Several receiving processes can share the
-port (SO_REUSEPORT), since one Python process tops out at a few hundred images per second.
+port (node.handoff), since one Python process tops out at one core.
 """
 
 from __future__ import annotations
@@ -53,15 +53,11 @@ TRANSFER_SYNTAXES = [*LOSSLESS_COMPRESSED, ExplicitVRLittleEndian] + [
 
 
 class ReceiverServer(ThreadedAssociationServer):
-    """An association server whose port other receiving processes can bind too, with Nagle off."""
+    """An association server with Nagle off and a stop that drains running associations."""
 
     request_queue_size = 64
-
-    def server_bind(self) -> None:
-        """Bind with SO_REUSEPORT (pynetdicom's own server_bind ignores ``allow_reuse_port``)."""
-        if self.socket is not None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+    #: False for a server fed connections by another process (node.handoff): no accept loop runs.
+    accepts = True
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection and set TCP_NODELAY on it (about 10x faster on loopback)."""
@@ -71,7 +67,8 @@ class ReceiverServer(ThreadedAssociationServer):
 
     def stop(self, grace_s: float = 30.0) -> None:
         """Stop accepting, give running associations ``grace_s`` to finish, close the socket."""
-        socketserver.BaseServer.shutdown(self)
+        if self.accepts:
+            socketserver.BaseServer.shutdown(self)
         deadline = time.monotonic() + grace_s
         while any(a.is_established for a in self.active_associations) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -168,17 +165,21 @@ def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def start_scp(settings: Settings, store: InstanceStore) -> ReceiverServer:
-    """Start listening in a background thread; ``server.stop()`` stops it."""
-    ae = make_ae(settings)
-    handlers: list[Any] = [
+def scp_handlers(settings: Settings, store: InstanceStore) -> list[Any]:
+    """The event handlers of every receiving server: echo, store, and the caller allowlist."""
+    return [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [store]),
         (evt.EVT_REQUESTED, handle_requested, [settings]),
     ]
+
+
+def start_scp(settings: Settings, store: InstanceStore) -> ReceiverServer:
+    """Start listening in a background thread; ``server.stop()`` stops it."""
+    ae = make_ae(settings)
     server = cast(ReceiverServer, ae.make_server(
         (settings.host, settings.port),
-        evt_handlers=handlers,
+        evt_handlers=scp_handlers(settings, store),
         ssl_context=make_ssl_context(settings),
         server_class=ReceiverServer,
     ))

@@ -1,11 +1,14 @@
-"""The node process: receivers on the DICOM port plus the readiness loop (``spine-node serve``)."""
+"""The node process: the DICOM edge plus the readiness loop (``spine-node serve``).
+
+With ``receivers = 1`` the SCP runs in this process; with more, this process accepts and hands
+connections to that many receiving processes (node.handoff).
+"""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
 import os
-import signal
 import threading
 from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
@@ -14,6 +17,7 @@ from sqlalchemy import Engine
 
 from node.config import Settings
 from node.db import make_engine, make_sessionmaker, migrate
+from node.handoff import Dispatcher, run_receiver
 from node.readiness import Readiness
 from node.scp import start_scp
 from node.store import InstanceStore, sweep_incoming
@@ -36,33 +40,6 @@ class Receiver:
         self.store.close()
 
 
-def receive_until(settings: Settings, stop: threading.Event) -> None:
-    """Run one receiver with its own engine until ``stop`` is set."""
-    engine = make_engine(settings.database_url)
-    try:
-        receiver = Receiver(settings, engine)
-        stop.wait()
-        receiver.close()
-    finally:
-        engine.dispose()
-
-
-def _receiver_process(settings: Settings, parent_pid: int) -> None:
-    """Entry point of an extra receiving process; it ends on SIGTERM or when its parent dies."""
-    configure_logging(settings.log_level)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def watch_parent() -> None:
-        while not stop.wait(1.0):
-            if os.getppid() != parent_pid:
-                stop.set()
-
-    threading.Thread(target=watch_parent, daemon=True).start()
-    receive_until(settings, stop)
-
-
 def serve(settings: Settings, stop: threading.Event, started: threading.Event | None = None) -> None:
     """Migrate, start ``settings.receivers`` receivers, and run readiness until ``stop`` is set.
 
@@ -73,14 +50,12 @@ def serve(settings: Settings, stop: threading.Event, started: threading.Event | 
     if not settings.allowed_callers:
         LOGGER.warning("allowed_callers is empty: every calling AE title and host is admitted")
     engine = make_engine(settings.database_url)
-    receiver = Receiver(settings, engine)
-    spawn = multiprocessing.get_context("spawn")
-    children = [
-        spawn.Process(target=_receiver_process, args=(settings, os.getpid()), name=f"receiver-{i}", daemon=True)
-        for i in range(1, settings.receivers)
-    ]
-    for child in children:
-        child.start()
+    children: list[BaseProcess] = []
+    edge: Receiver | Dispatcher
+    if settings.receivers == 1:
+        edge = Receiver(settings, engine)
+    else:
+        edge, children = _start_receivers(settings)
     readiness = Readiness(settings, make_sessionmaker(engine))
     if started is not None:
         started.set()
@@ -92,12 +67,26 @@ def serve(settings: Settings, stop: threading.Event, started: threading.Event | 
             stop.wait(poll if wait is None else min(max(wait, 0.05), poll))
     finally:
         LOGGER.info("stopping")
+        edge.close()
         for child in children:
             child.terminate()
-        receiver.close()
         for child in children:
-            child.join(10)
+            child.join(40)
         engine.dispose()
+
+
+def _start_receivers(settings: Settings) -> tuple[Dispatcher, list[BaseProcess]]:
+    """``settings.receivers`` receiving processes behind one dispatcher in this process."""
+    spawn = multiprocessing.get_context("spawn")
+    receivers = []
+    for index in range(1, settings.receivers + 1):
+        ours, theirs = spawn.Pipe()
+        process = spawn.Process(target=run_receiver, args=(settings, theirs, os.getpid()), name=f"receiver-{index}",
+                                daemon=True)
+        process.start()
+        theirs.close()
+        receivers.append((process, ours))
+    return Dispatcher(settings, receivers), [process for process, _ in receivers]
 
 
 def _check_alive(children: Sequence[BaseProcess]) -> None:
@@ -105,10 +94,3 @@ def _check_alive(children: Sequence[BaseProcess]) -> None:
     for child in children:
         if child.exitcode is not None:
             raise RuntimeError(f"receiving process {child.name} exited with {child.exitcode}; stopping the node")
-
-
-def configure_logging(level: str) -> None:
-    """Plain, timestamped log lines; pynetdicom's chatter (which may echo headers) kept at WARNING."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -98,7 +98,3 @@ def test_tls_settings_are_checked_at_start(tmp_path: Path, tls: dict[str, object
     with pytest.raises(ConfigError, match=message):
         load_settings(tls=values)
 
-
-def test_several_receivers_need_a_fixed_port() -> None:
-    with pytest.raises(ConfigError, match="port 0"):
-        load_settings(port=0, receivers=2)

@@ -82,7 +82,24 @@ class Process:
         self.proc = None
 
 
-class NodeReceiver:
+class ProcessReceiver:
+    """A receiver that is one child process, ready once it answers C-ECHO on its port."""
+
+    name: str
+    ae_title: str
+    port: int
+    process: Process
+
+    def start(self) -> None:
+        """Start and wait until C-ECHO succeeds (failing at once if the process exits)."""
+        self.process.start()
+        self.process.until(lambda: answers(self.port, self.ae_title), 60, f"{self.name} to answer C-ECHO")
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+class NodeReceiver(ProcessReceiver):
     """``spine-node serve`` with its own TOML config, storage and database."""
 
     def __init__(self, workdir: Path, receivers: int, database_url: str, label: str) -> None:
@@ -99,14 +116,6 @@ class NodeReceiver:
         argv = [sys.executable, "-m", "node.cli", "--config", str(self.config), "serve"]
         self.process = Process(argv, workdir / "node.log")
 
-    def start(self) -> None:
-        """Start and wait until C-ECHO succeeds."""
-        self.process.start()
-        self.process.until(lambda: answers(self.port, self.ae_title), 60, f"{self.name} to answer C-ECHO")
-
-    def stop(self) -> None:
-        self.process.stop()
-
     def received(self, study_uid: str) -> int:
         """Instances of the study in the node's index (``spine-node studies --json``)."""
         result = subprocess.run([sys.executable, "-m", "node.cli", "--config", str(self.config), "studies", "--json"],
@@ -115,7 +124,7 @@ class NodeReceiver:
         return int(rows[0]["instances"]) if rows else 0
 
 
-class StorescpReceiver:
+class StorescpReceiver(ProcessReceiver):
     """dcmtk's storescp (optionally ``--fork``): files only, no index, no fsync; the ceiling."""
 
     def __init__(self, workdir: Path, fork: bool) -> None:
@@ -126,13 +135,6 @@ class StorescpReceiver:
         argv = [STORESCP, *(["--fork"] if fork else []), "-aet", self.ae_title, "-od", str(self.out), str(self.port)]
         self.process = Process(argv, workdir / "storescp.log", env=DCMTK_ENV)
 
-    def start(self) -> None:
-        self.process.start()
-        self.process.until(lambda: answers(self.port, self.ae_title), 30, f"{self.name} to answer C-ECHO")
-
-    def stop(self) -> None:
-        self.process.stop()
-
     def received(self, study_uid: str) -> int:
         """Files written since the last call (the folder is emptied after counting)."""
         files = [path for path in self.out.iterdir() if path.is_file()]
@@ -141,7 +143,7 @@ class StorescpReceiver:
         return len(files)
 
 
-class OrthancReceiver:
+class OrthancReceiver(ProcessReceiver):
     """Orthanc with its own storage and SQLite index (synced, its default), REST on localhost."""
 
     def __init__(self, workdir: Path) -> None:
@@ -157,13 +159,6 @@ class OrthancReceiver:
             "DicomModalities": {}, "SaveJobs": False,
         }, indent=2))
         self.process = Process([ORTHANC, str(config)], workdir / "orthanc.log", env=DCMTK_ENV, cwd=workdir)
-
-    def start(self) -> None:
-        self.process.start()
-        self.process.until(lambda: answers(self.port, self.ae_title), 60, f"{self.name} to answer C-ECHO")
-
-    def stop(self) -> None:
-        self.process.stop()
 
     def received(self, study_uid: str) -> int:
         """Instances of the study in Orthanc's index (``/tools/lookup`` then its statistics)."""

@@ -53,6 +53,11 @@ class Dispatcher:
         LOGGER.info("listening as %s on %s:%d, handing connections to %d receiving processes",
                     settings.ae_title, settings.host, settings.port, len(receivers))
 
+    @property
+    def processes(self) -> list[BaseProcess]:
+        """The receiving processes, in order."""
+        return [process for process, _ in self.receivers]
+
     def close(self) -> None:
         """Stop accepting (the receivers finish what they hold)."""
         self._stopped.set()
@@ -67,12 +72,18 @@ class Dispatcher:
             except OSError:
                 if self._stopped.is_set():
                     return
-                raise
+                LOGGER.exception("accept failed; trying again")  # e.g. out of file descriptors
+                self._stopped.wait(0.1)
+                continue
             with conn:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 index = self._pick()
                 process, pipe = self.receivers[index]
-                reduction.send_handle(pipe, conn.fileno(), process.pid)
+                try:
+                    reduction.send_handle(pipe, conn.fileno(), process.pid)
+                except OSError:  # the receiver is gone; the node stops on its next liveness check
+                    LOGGER.exception("could not hand a connection to %s", process.name)
+                    continue
             LOGGER.info("connection from %s handed to %s", address[0], process.name)
 
     def _pick(self) -> int:

@@ -50,12 +50,8 @@ def serve(settings: Settings, stop: threading.Event, started: threading.Event | 
     if not settings.allowed_callers:
         LOGGER.warning("allowed_callers is empty: every calling AE title and host is admitted")
     engine = make_engine(settings.database_url)
-    children: list[BaseProcess] = []
-    edge: Receiver | Dispatcher
-    if settings.receivers == 1:
-        edge = Receiver(settings, engine)
-    else:
-        edge, children = _start_receivers(settings)
+    edge = Receiver(settings, engine) if settings.receivers == 1 else _start_receivers(settings)
+    children = edge.processes if isinstance(edge, Dispatcher) else []
     readiness = Readiness(settings, make_sessionmaker(engine))
     if started is not None:
         started.set()
@@ -75,7 +71,7 @@ def serve(settings: Settings, stop: threading.Event, started: threading.Event | 
         engine.dispose()
 
 
-def _start_receivers(settings: Settings) -> tuple[Dispatcher, list[BaseProcess]]:
+def _start_receivers(settings: Settings) -> Dispatcher:
     """``settings.receivers`` receiving processes behind one dispatcher in this process."""
     spawn = multiprocessing.get_context("spawn")
     receivers = []
@@ -86,7 +82,7 @@ def _start_receivers(settings: Settings) -> tuple[Dispatcher, list[BaseProcess]]
         process.start()
         theirs.close()
         receivers.append((process, ours))
-    return Dispatcher(settings, receivers), [process for process, _ in receivers]
+    return Dispatcher(settings, receivers)
 
 
 def _check_alive(children: Sequence[BaseProcess]) -> None:

@@ -32,9 +32,21 @@ class Box:
     spacing: tuple[float, float, float]
 
     def __post_init__(self) -> None:
+        centre = np.asarray(self.centre, dtype=float)
+        if centre.shape != (3,) or not np.isfinite(centre).all():
+            raise ValueError("box centre must be one finite patient position (3,)")
         axes = np.asarray(self.axes, dtype=float)
         if axes.shape != (3, 3) or not np.allclose(axes @ axes.T, np.eye(3), atol=1e-4):
             raise ValueError("box axes must be three orthonormal row vectors (slice, row, column)")
+        if len(self.shape) != 3 or any(int(n) != n or n < 1 for n in self.shape):
+            raise ValueError(f"box shape must be three positive voxel counts, not {self.shape}")
+        if len(self.spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in self.spacing):
+            raise ValueError(f"box spacing must be three positive sizes in mm, not {self.spacing}")
+        # normalised, so that boxes built from lists or numpy scalars compare and sample alike
+        object.__setattr__(self, "centre", centre)
+        object.__setattr__(self, "axes", axes)
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+        object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
 
     @classmethod
     def around(cls, centre: np.ndarray, slice_axis: np.ndarray, row_axis: np.ndarray, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> Box:

@@ -97,12 +97,13 @@ def load_series(items: Sequence[Path | Dataset]) -> tuple[list[SeriesVolume], li
     if not datasets:
         raise VolumeError("the series has no instances")
     series_uid = str(datasets[0].get("SeriesInstanceUID", ""))
-    frames = [f for ds in datasets for f in _frames(ds)]
+    # a canonical order first, so that grouping and stack order do not depend on the file order
+    frames = sorted((f for ds in datasets for f in _frames(ds)), key=lambda f: (f.source.sop_instance_uid, f.source.frame or 0))
     volumes: list[SeriesVolume] = []
     skipped: list[str] = []
-    for group in _stacks(frames):
+    for index, group in enumerate(_stacks(frames)):
         try:
-            volumes.append(_volume(series_uid, len(volumes), group, datasets[0]))
+            volumes.append(_volume(series_uid, index, group, datasets[0]))
         except VolumeError as exc:
             skipped.append(str(exc))
     if not volumes:
@@ -111,43 +112,63 @@ def load_series(items: Sequence[Path | Dataset]) -> tuple[list[SeriesVolume], li
 
 
 def _frames(ds: Dataset) -> list[_Frame]:
-    """Geometry, pixels and source of every frame of one instance."""
+    """Geometry, pixels (rescaled) and source of every frame of one instance."""
     sop = SliceSource(str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", "")), None)
     if "PixelData" not in ds:
         raise VolumeError(f"instance {sop.sop_instance_uid} has no pixel data")
-    pixels = ds.pixel_array.astype(np.float32)
-    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-    if (slope, intercept) != (1.0, 0.0):
-        pixels = pixels * np.float32(slope) + np.float32(intercept)
     shape = (int(ds.Rows), int(ds.Columns))
+    pixels = ds.pixel_array.astype(np.float32)
     if "PerFrameFunctionalGroupsSequence" not in ds:
+        if pixels.shape != shape:
+            frames, samples = int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("SamplesPerPixel", 1) or 1)
+            raise VolumeError(f"instance {sop.sop_instance_uid} is not one greyscale slice ({frames} frames, {samples} samples per pixel) "
+                              "and has no per-frame geometry")
         position, orientation, spacing = _geometry(ds, ds, sop.sop_instance_uid)
-        return [_Frame(position, orientation, spacing, shape, sop, pixels)]
+        return [_Frame(position, orientation, spacing, shape, sop, _rescale(pixels, ds, ds, ds))]
     shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else Dataset()
+    groups = ds.PerFrameFunctionalGroupsSequence
+    if pixels.size != len(groups) * shape[0] * shape[1]:
+        raise VolumeError(f"instance {sop.sop_instance_uid} has {len(groups)} per-frame groups but pixels of shape {pixels.shape}")
     pixels = pixels.reshape(-1, *shape)
     out = []
-    for n, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+    for n, item in enumerate(groups):
         where = f"{sop.sop_instance_uid} frame {n + 1}"
         position, orientation, spacing = _geometry(item, shared, where)
         src = SliceSource(sop.sop_instance_uid, sop.sop_class_uid, n + 1)
-        out.append(_Frame(position, orientation, spacing, shape, src, pixels[n]))
+        out.append(_Frame(position, orientation, spacing, shape, src, _rescale(pixels[n], item, shared, ds)))
     return out
+
+
+def _find(item: Dataset, shared: Dataset, seq: str, keyword: str) -> object:
+    """``keyword`` of a classic instance, or of one frame: its per-frame functional group item
+    ``seq`` first, then the shared one (``item`` and ``shared`` are the dataset for classic)."""
+    for holder in (item, shared):
+        if keyword in holder:
+            return holder.get(keyword)
+        if seq in holder and len(holder[seq].value) and keyword in holder[seq].value[0]:
+            return holder[seq].value[0].get(keyword)
+    return None
+
+
+def _rescale(pixels: np.ndarray, item: Dataset, shared: Dataset, top: Dataset) -> np.ndarray:
+    """Pixels times RescaleSlope plus RescaleIntercept: a classic instance's, or for a frame of
+    a multi-frame its Pixel Value Transformation group (per-frame, then shared, then top level)."""
+    values = []
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        value = _find(item, shared, "PixelValueTransformationSequence", keyword)
+        value = top.get(keyword) if value is None else value
+        values.append(float(value or default))  # type: ignore[arg-type]
+    slope, intercept = values
+    if (slope, intercept) == (1.0, 0.0):
+        return pixels
+    return pixels * np.float32(slope) + np.float32(intercept)
 
 
 def _geometry(item: Dataset, shared: Dataset, where: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
     """Position, orientation and pixel spacing of a classic instance or of one frame's groups."""
-
-    def find(seq: str, keyword: str) -> object:
-        for holder in (item, shared):
-            if keyword in holder:
-                return holder.get(keyword)
-            if seq in holder and len(holder[seq].value) and keyword in holder[seq].value[0]:
-                return holder[seq].value[0].get(keyword)
-        return None
-
-    position = find("PlanePositionSequence", "ImagePositionPatient")
-    orientation = find("PlaneOrientationSequence", "ImageOrientationPatient")
-    spacing = find("PixelMeasuresSequence", "PixelSpacing")
+    position = _find(item, shared, "PlanePositionSequence", "ImagePositionPatient")
+    orientation = _find(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+    spacing = _find(item, shared, "PixelMeasuresSequence", "PixelSpacing")
     missing = [k for k, v in (("ImagePositionPatient", position), ("ImageOrientationPatient", orientation), ("PixelSpacing", spacing)) if not v]
     if missing:
         raise VolumeError(f"{where} lacks {', '.join(missing)}: no patient geometry")

@@ -89,7 +89,11 @@ def axial_stacks(sp: Spine, rng: np.random.Generator, multi: bool, matrix: int =
     top, bottom = sp.level("L1-L2").s_centre + 8, sp.level("L5-S1").s_centre - 8
     s_mid = (top + bottom) / 2
     row, col, normal = _axial_frame(sp, s_mid, rng)
-    p_top, p_bottom = sp.point(top, v=28.0), sp.point(bottom, v=28.0)
-    n = int(math.ceil(abs(np.dot(p_top - p_bottom, normal)) / gap)) + 1
-    centre = (p_top + p_bottom) / 2 + offset[0] * row + offset[1] * col
+    # the block covers both the disc centres and the canal behind them at the end discs,
+    # however the lordosis tilts L5-S1 against the block
+    ends = [sp.point(s, v=v) for s in (top, bottom) for v in (0.0, 28.0)]
+    along = [float(np.dot(p, normal)) for p in ends]
+    n = int(math.ceil((max(along) - min(along)) / gap)) + 1
+    p_mid = (sp.point(top, v=28.0) + sp.point(bottom, v=28.0)) / 2
+    centre = p_mid + ((max(along) + min(along)) / 2 - float(np.dot(p_mid, normal))) * normal + offset[0] * row + offset[1] * col
     return [Stack(_positions(centre, row, col, -normal * gap, n, matrix, matrix, spacing), row, col, matrix, matrix, spacing, thickness, gap, acq, acq)]

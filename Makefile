@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps demo test bench-ingest clean
+.PHONY: install system-deps demo test bench-ingest bench-pipeline clean
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ test: install system-deps
 
 bench-ingest: install system-deps
 	$(BIN)/python -m bench.ingest
+
+bench-pipeline: install
+	$(BIN)/python -m bench.pipeline
 
 clean:
 	rm -rf $(VENV) var demo-out bench/out

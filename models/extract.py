@@ -93,15 +93,15 @@ def _cutting_slices(axial: SeriesVolume, corners: np.ndarray) -> np.ndarray:
 
 
 def _sagittal_span(sagittal: SeriesVolume, axial: SeriesVolume, k: int) -> tuple[float, float, float]:
-    """Left-right positions (along +x) of the first and last sagittal slices cutting axial slice k
-    inside its field of view, and the lateral depth of those slices (count x spacing)."""
+    """Offsets along the sagittal slice axis of the first and last sagittal slices that cut axial
+    slice k inside its field of view, and the lateral depth of those slices (count x spacing)."""
     shape = axial.volume.spatial_shape
     corners = np.asarray(axial.volume.map_indices_to_reference(np.array([[k, r, c] for r in (0, shape[1] - 1) for c in (0, shape[2] - 1)])))
-    lo, hi = corners[:, 0].min(), corners[:, 0].max()
-    xs = sagittal.slice_positions @ np.array([1.0, 0.0, 0.0])
-    inside = xs[(xs >= lo) & (xs <= hi)]
+    along = corners @ sagittal.slice_axis
+    offsets = sagittal.slice_positions @ sagittal.slice_axis
+    inside = offsets[(offsets >= along.min()) & (offsets <= along.max())]
     if not len(inside):
-        inside = xs
+        inside = offsets
     return float(inside.min()), float(inside.max()), len(inside) * float(sagittal.volume.spacing[0])
 
 
@@ -116,13 +116,17 @@ def axial_box(axials: Sequence[SeriesVolume], roi: Box, sagittal: SeriesVolume, 
     if best is None:
         return None
     axial, cut = best
-    first_x, last_x, lateral = _sagittal_span(sagittal, axial, int(cut[len(cut) // 2]))
-    point = disc.centre + disc.posterior * _depth(disc) / 2
-    point[0] = (first_x + last_x) / 2
+    first, last, lateral = _sagittal_span(sagittal, axial, int(cut[len(cut) // 2]))
     axis = axial.slice_axis if axial.slice_axis @ INFERIOR >= 0 else -axial.slice_axis
     ends = axial.slice_positions[[cut[0], cut[-1]]] @ axis
-    # slide along the disc normal (staying on the posterior face, at the same x) to the middle slice
-    point = point + (ends.mean() - point @ axis) / (disc.normal @ axis) * disc.normal
+    # on the disc's posterior face (moving along its left and normal axes only): halfway between
+    # the outer sagittal slices, and on the middle of the crossing axial slices
+    margin = disc.centre + disc.posterior * _depth(disc) / 2
+    a = sagittal.slice_axis
+    system = np.array([[disc.left @ a, disc.normal @ a], [disc.left @ axis, disc.normal @ axis]])
+    wanted = np.array([(first + last) / 2 - margin @ a, ends.mean() - margin @ axis])
+    along_left, along_normal = np.linalg.solve(system, wanted)
+    point = margin + along_left * disc.left + along_normal * disc.normal
     width = float(np.clip(2 * lateral, *AXIAL_WIDTH_MM))
     spacing = width / CROP_SHAPE[2]
     between = max(float(abs(ends[1] - ends[0])) / (CROP_SHAPE[0] - 1), 1e-3)

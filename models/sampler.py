@@ -22,9 +22,11 @@ import torch.nn.functional as F
 __all__ = ["Box", "sample"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Box:
-    """A sampling grid in patient space: ``shape`` voxels of ``spacing`` mm along ``axes``."""
+    """A sampling grid in patient space: ``shape`` voxels of ``spacing`` mm along ``axes``.
+
+    Boxes hold arrays, so they compare by identity."""
 
     centre: np.ndarray
     axes: np.ndarray

@@ -82,7 +82,7 @@ def group_by_series(paths: Iterable[Path]) -> dict[str, list[Path]]:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
         except (pydicom.errors.InvalidDicomError, OSError, ValueError) as exc:
-            LOGGER.warning("skipping a file that is not DICOM", extra={"file": path.name, "error": str(exc)})
+            LOGGER.warning("skipping a file that is not DICOM", extra={"error": type(exc).__name__})
             continue
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         if uid:

@@ -24,7 +24,7 @@ from node.demo import run_demo
 from node.schema import StudyState
 from node.logs import configure_logging
 from node.service import serve
-from node.views import make_console, print_study, studies_table
+from node.views import make_console, print_result, print_study, studies_table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,6 +84,33 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--out", type=Path, required=True, help="PNG file to write")
     cmd.set_defaults(run=_phantom_sheet)
 
+    cmd = commands.add_parser("grade", help="find the discs of a folder holding one study and grade them, offline")
+    cmd.add_argument("folder", type=Path, help="folder of DICOM files (searched recursively)")
+    cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+    cmd.add_argument("--debug-dir", type=Path, help="write debug PNGs here (ROIs, axial intersections, crops)")
+    cmd.add_argument("--detector", type=Path, help="detector weights (default: the shipped ones)")
+    cmd.set_defaults(run=_grade)
+
+    cmd = commands.add_parser("train-detector", help="train the disc detector on phantoms and/or RSNA-format data")
+    cmd.add_argument("--out", type=Path, default=None, help="weights file (default: the shipped models/weights/detector.safetensors)")
+    cmd.add_argument("--workdir", type=Path, default=Path("var/train-detector"), help="where phantom studies are rendered")
+    cmd.add_argument("--studies", type=int, default=120, help="phantom studies to train on (default 120; 0 for none)")
+    cmd.add_argument("--seed", type=int, default=1, help="phantom seed of the training studies (default 1)")
+    cmd.add_argument("--rsna", type=Path, help="an RSNA 2024 layout to train on as well (canal points of sagittal T2/STIR)")
+    cmd.add_argument("--steps", type=int, default=1500, help="optimisation steps (default 1500)")
+    cmd.add_argument("--batch", type=int, default=16, help="slices per step (default 16)")
+    cmd.add_argument("--eval-studies", type=int, default=20, help="held-out phantom studies for the model card (default 20)")
+    cmd.add_argument("--eval-seed", type=int, default=9001, help="seed of the held-out studies, never a training seed (default 9001)")
+    cmd.set_defaults(run=_train_detector)
+
+    cmd = commands.add_parser("evaluate-detector", help="detection and extraction metrics on held-out phantom studies")
+    cmd.add_argument("--studies", type=int, default=20, help="how many studies (default 20)")
+    cmd.add_argument("--seed", type=int, default=9001, help="phantom seed, never one used in training (default 9001)")
+    cmd.add_argument("--twins", type=int, default=2, help="studies re-rendered per encoding for the robustness check (default 2; 0 skips)")
+    cmd.add_argument("--workdir", type=Path, default=Path("var/evaluate-detector"), help="where the studies are rendered")
+    cmd.add_argument("--detector", type=Path, help="detector weights (default: the shipped ones)")
+    cmd.set_defaults(run=_evaluate_detector)
+
     cmd = commands.add_parser("config", help="print the configuration reference (Markdown)")
     cmd.set_defaults(run=lambda settings, args: print(reference_markdown(), end=""))
 
@@ -122,6 +149,54 @@ def _phantom_sheet(settings: Settings, args: argparse.Namespace) -> int:
     from models.data.phantom import write_contact_sheet
 
     print(f"contact sheet written to {write_contact_sheet(args.study_dir, args.out)}")
+    return 0
+
+
+def _grade(settings: Settings, args: argparse.Namespace) -> int:
+    from models.detect import DEFAULT_WEIGHTS, Detector
+    from worker.pipeline import StudyError, analyse_folder, result_json
+
+    try:
+        analysis = analyse_folder(args.folder, Detector.load(args.detector or DEFAULT_WEIGHTS), settings.device_uid)
+    except (StudyError, FileNotFoundError) as exc:
+        print(f"spine-node: {exc}", file=sys.stderr)
+        return 1
+    result = result_json(analysis)
+    if args.debug_dir:
+        from models.debug_pictures import write_debug_pictures
+
+        write_debug_pictures(args.debug_dir, analysis.volumes(), analysis.study)
+    if args.json:
+        _print_json(result)
+    else:
+        print_result(result, make_console())
+    return 0
+
+
+def _train_detector(settings: Settings, args: argparse.Namespace) -> int:
+    from models.detect import DEFAULT_WEIGHTS
+    from models.detector_card import train_and_card
+
+    try:
+        path = train_and_card(args.out or DEFAULT_WEIGHTS, args.workdir, args.studies, args.seed, args.rsna, args.steps, args.batch, args.eval_studies, args.eval_seed)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"spine-node: {exc}", file=sys.stderr)
+        return 2
+    print(f"detector weights written to {path} (model card beside them)")
+    return 0
+
+
+def _evaluate_detector(settings: Settings, args: argparse.Namespace) -> int:
+    from models.data.phantom import generate
+    from models.detect import DEFAULT_WEIGHTS, Detector
+    from models.evaluate_detector import evaluate, twins
+
+    detector = Detector.load(args.detector or DEFAULT_WEIGHTS)
+    dirs = generate(args.workdir / "held-out", args.studies, args.seed, axial="random", randomize=False)
+    report = {"seed": args.seed, **evaluate(dirs, detector)}
+    if args.twins:
+        report["twins"] = twins(args.workdir / "twins", args.seed, args.twins, detector)
+    _print_json(report)
     return 0
 
 

@@ -50,3 +50,15 @@ def print_study(study: dict[str, Any], console: Console) -> None:
 def _when(iso: str | None) -> str:
     """An ISO timestamp as 'YYYY-MM-DD HH:MM:SS.mmm' (UTC), compact for tables."""
     return iso.replace("T", " ")[:23] if iso else ""
+
+
+def print_result(result: dict[str, Any], console: Console) -> None:
+    """A grading result for people: levels with centre, confidence and views, then warnings."""
+    console.print(f"[bold]{escape(result['study_instance_uid'])}[/bold]  (research use only, not for diagnosis)")
+    levels = Table("level", "centre (LPS mm)", "confidence", "views", title="discs")
+    for level, lv in result["levels"].items():
+        views = ", ".join(f"{v['role']}" for v in lv["views"])
+        levels.add_row(level, ", ".join(f"{c:.1f}" for c in lv["center"]), f"{lv['confidence']:.2f}", views)
+    console.print(levels)
+    for w in result["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}")

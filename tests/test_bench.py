@@ -19,3 +19,14 @@ def test_ingest_benchmark_smoke_run(tmp_path: Path) -> None:
     assert {(r["receiver"], r["associations"]) for r in rows} == {
         ("node r=1 SQLite", 1), ("node r=1 SQLite", 4), ("storescp", 1), ("storescp", 4)}
     assert all(r["failures"] == [] and r["images_per_s"] > 0 for r in rows)
+
+
+def test_pipeline_benchmark_smoke_run(tmp_path: Path) -> None:
+    """The pipeline benchmark renders its study, times every stage and writes its JSON."""
+    root = Path(__file__).parents[1]
+    out = tmp_path / "pipeline.json"
+    result = subprocess.run([sys.executable, "-m", "bench.pipeline", "--studies", "1", "--runs", "1", "--json", str(out)],
+                            cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode in (0, 1), result.stdout + result.stderr  # 1: goal missed, still a valid run
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 1 and all(rows[0][k] > 0 for k in ("volumes", "detect", "extract", "decode_only"))

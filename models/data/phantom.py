@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
 from rich.progress import track
 
 from models.data import dicomwrite, enhanced, geometry
@@ -228,7 +229,7 @@ def generate(out: Path, studies: int, seed: int, rsna: bool = False, progress: b
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     indices = range(studies)
-    iterator = track(indices, description="phantom studies") if progress else indices
+    iterator = track(indices, description="phantom studies", console=Console(stderr=True)) if progress else indices
     dirs = [generate_study(out, seed, i, opts) for i in iterator]
     if rsna:
         write_rsna(out / "rsna", dirs)

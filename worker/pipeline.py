@@ -1,0 +1,145 @@
+"""One study through the models: series roles -> volumes -> detection -> extraction -> result.
+
+The same pipeline serves ``spine-node grade DIR`` (offline, a folder of DICOM files) and, later,
+the worker's tasks (files from the node's store). Series roles come from ``node.series``, so a
+folder is read exactly as the node would read the same study received over the network.
+The result has the shape DESIGN.md gives; grades join it when the grader exists.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from models.analysis import StudyAnalysis, analyse_volumes
+from models.detect import Detector
+from models.extract import SAGITTAL_ROLES
+from models.volumes import SeriesVolume, VolumeError, group_by_series, load_series
+from node.series import SeriesRole, classify_series
+
+LOGGER = logging.getLogger(__name__)
+__all__ = ["Analysis", "SeriesEntry", "StudyError", "analyse", "analyse_folder", "result_json"]
+
+GRADED_ROLES = (*SAGITTAL_ROLES, "T2_AX")
+
+
+class StudyError(ValueError):
+    """A folder or study the pipeline cannot grade; the message says why."""
+
+
+@dataclass
+class SeriesEntry:
+    """A series of the study: its role, why, and whether the models used it."""
+
+    series_instance_uid: str
+    role: str
+    role_reason: str
+    paths: list[Path]
+    used: bool = False
+    volumes: list[SeriesVolume] = field(default_factory=list)
+
+
+@dataclass
+class Analysis:
+    """Everything the pipeline found in one study, before grading."""
+
+    study_instance_uid: str
+    series: list[SeriesEntry]
+    study: StudyAnalysis
+    warnings: list[str]
+    detector_sha256: str
+
+    def volumes(self) -> dict[str, list[SeriesVolume]]:
+        """Volumes per role, of the series that formed volumes."""
+        return _by_role(self.series)
+
+
+def _by_role(series: Iterable[SeriesEntry]) -> dict[str, list[SeriesVolume]]:
+    """Volumes per role of the series that formed volumes."""
+    out: dict[str, list[SeriesVolume]] = {}
+    for s in series:
+        if s.volumes:
+            out.setdefault(s.role, []).extend(s.volumes)
+    return out
+
+
+def read_series(paths: Iterable[Path], own_device_uid: str) -> tuple[str, list[SeriesEntry]]:
+    """The study UID and its series with their roles; one study per call."""
+    groups = group_by_series(paths)
+    if not groups:
+        raise StudyError("no DICOM files found")
+    entries = []
+    studies = set()
+    for uid, files in groups.items():
+        files.sort()
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+        studies.add(str(ds.get("StudyInstanceUID", "")))
+        decision = classify_series(ds, own_device_uid)
+        entries.append(SeriesEntry(uid, decision.role.value, decision.reason, files))
+    if len(studies) > 1:
+        raise StudyError(f"the files hold {len(studies)} studies; grade one study at a time")
+    entries.sort(key=lambda e: (GRADED_ROLES.index(e.role) if e.role in GRADED_ROLES else len(GRADED_ROLES), e.series_instance_uid))
+    return studies.pop(), entries
+
+
+def analyse(study_uid: str, series: list[SeriesEntry], detector: Detector, device: str = "cpu") -> Analysis:
+    """Volumes of the graded roles, then the models' analysis; marks which series were used."""
+    warnings: list[str] = []
+    for s in series:
+        if s.role == SeriesRole.OTHER.value:
+            continue
+        try:
+            s.volumes, skipped = load_series(s.paths)
+            warnings.extend(f"{s.role} series {s.series_instance_uid}: {why}" for why in skipped)
+        except VolumeError as exc:
+            warnings.append(f"{s.role} series {s.series_instance_uid} not used: {exc}")
+    study = analyse_volumes(_by_role(series), detector, device)
+    used = {c.series_instance_uid for c in study.crops}
+    for s in series:
+        s.used = s.series_instance_uid in used
+    return Analysis(study_uid, series, study, warnings + study.warnings, detector.sha256)
+
+
+def analyse_folder(folder: Path, detector: Detector, own_device_uid: str, device: str = "cpu") -> Analysis:
+    """``analyse`` for every DICOM file under ``folder`` (recursively)."""
+    if not folder.is_dir():
+        raise StudyError(f"{folder} is not a folder")
+    study_uid, series = read_series((p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() not in {".json", ".csv", ".png", ".md", ".txt"}), own_device_uid)
+    return analyse(study_uid, series, detector, device)
+
+
+def _rounded(values: Iterable[float], digits: int = 2) -> list[float]:
+    """Floats rounded for JSON."""
+    return [round(float(v), digits) for v in values]
+
+
+def result_json(analysis: Analysis) -> dict[str, Any]:
+    """The grading result in DESIGN.md's shape (grades absent until the grader runs)."""
+    levels: dict[str, Any] = {}
+    for level, disc in analysis.study.discs.items():
+        views = [
+            {"role": c.role, "view": c.view, "series_instance_uid": c.series_instance_uid, "stack": c.stack, "coverage": round(c.coverage, 3)}
+            for c in analysis.study.crops if c.level == level
+        ]
+        levels[level] = {
+            "center": _rounded(disc.centre),
+            "confidence": round(disc.confidence, 3),
+            "normal": _rounded(disc.normal, 4),
+            "depth_mm": round(disc.depth_mm, 1),
+            "views": views,
+            "conditions": {},
+        }
+    return {
+        "study_instance_uid": analysis.study_instance_uid,
+        "model": {"name": "spine-node", "version": importlib.metadata.version("spine-node"), "detector_sha256": analysis.detector_sha256, "weights_sha256": None},
+        "series": [{"series_instance_uid": s.series_instance_uid, "role": s.role, "role_reason": s.role_reason, "used": s.used} for s in analysis.series],
+        "levels": levels,
+        "warnings": analysis.warnings,
+        "not_for_diagnostic_use": True,
+    }

@@ -33,13 +33,15 @@ from models.detect import INFERIOR, LevelDetection
 from models.sampler import Box, sample
 from models.volumes import SeriesVolume, SliceSource
 
-__all__ = ["CROP_SHAPE", "Crop", "axial_box", "extract", "sagittal_box"]
+__all__ = ["CROP_SHAPE", "SLOT_OF_ROLE", "Crop", "axial_box", "disc_slots", "extract", "sagittal_box"]
 
 CROP_SHAPE = (9, 112, 224)
 DEPTH_RANGE_MM = (25.0, 70.0)
 AXIAL_WIDTH_MM = (80.0, 160.0)
 SAGITTAL_ROLES = ("T2_SAG", "STIR_SAG", "T1_SAG")
 POSTERIOR = np.array([0.0, 1.0, 0.0])
+# The grader's input slots: 0 T1 sagittal, 1 T2/STIR sagittal, 2 T2 axial.
+SLOT_OF_ROLE = {"T1_SAG": 0, "T2_SAG": 1, "STIR_SAG": 1, "T2_AX": 2}
 
 
 @dataclass(frozen=True)
@@ -181,3 +183,18 @@ def extract(volumes: Mapping[str, Sequence[SeriesVolume]], discs: Mapping[str, L
         for i, (lv, box) in enumerate(todo):
             crops.append(Crop(lv, "T2_AX", "axial", vol.series_instance_uid, vol.stack, box, normalised[i], float(coverage[i])))
     return crops, warnings
+
+
+def disc_slots(crops: Sequence[Crop], levels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Volumes (levels, 3, 9, H, W) and presence (levels, 3) in the grader's slots (T1 sagittal,
+    T2/STIR sagittal, T2 axial); the first crop of a slot wins (T2 before STIR, then crop order)."""
+    volumes = np.zeros((len(levels), 3, *CROP_SHAPE), np.float32)
+    present = np.zeros((len(levels), 3), bool)
+    order = sorted(crops, key=lambda c: ("T1_SAG", "T2_SAG", "STIR_SAG", "T2_AX").index(c.role))
+    for c in order:
+        if c.level not in levels:
+            continue
+        i, k = levels.index(c.level), SLOT_OF_ROLE[c.role]
+        if not present[i, k]:
+            volumes[i, k], present[i, k] = c.pixels, True
+    return volumes, present

@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--json", action="store_true", help="print the result as JSON")
     cmd.add_argument("--debug-dir", type=Path, help="write debug PNGs here (ROIs, axial intersections, crops)")
     cmd.add_argument("--detector", type=Path, help="detector weights (default: the shipped ones)")
+    cmd.add_argument("--grader", type=Path, help="grader weights (default: the shipped ones)")
     cmd.set_defaults(run=_grade)
 
     cmd = commands.add_parser("train-detector", help="train the disc detector on phantoms and/or RSNA-format data")
@@ -110,6 +111,29 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--workdir", type=Path, default=Path("var/evaluate-detector"), help="where the studies are rendered")
     cmd.add_argument("--detector", type=Path, help="detector weights (default: the shipped ones)")
     cmd.set_defaults(run=_evaluate_detector)
+
+    cmd = commands.add_parser("train", help="train the stenosis grader on an RSNA 2024 layout (real or phantom)")
+    cmd.add_argument("--data", type=Path, required=True, help="RSNA 2024 layout: train.csv, train_series_descriptions.csv, train_images/")
+    cmd.add_argument("--cache", type=Path, help="where the disc volumes are cached (default: DATA/../disc-cache)")
+    cmd.add_argument("--workdir", type=Path, default=Path("var/train-grader"), help="checkpoints, for --resume (default var/train-grader)")
+    cmd.add_argument("--out", type=Path, default=None, help="weights file (default: the shipped models/weights/grader.safetensors)")
+    cmd.add_argument("--preset", choices=["paper", "cpu"], default="paper", help="paper's configuration (default) or the small CPU one")
+    cmd.add_argument("--epochs", type=int, help="override the preset's epochs")
+    cmd.add_argument("--batch", type=int, help="override the preset's batch size")
+    cmd.add_argument("--seed", type=int, help="seed of the split, the initialisation and the augmentations (default 0)")
+    cmd.add_argument("--inputs", help="volumes used, comma separated among T1_SAG,T2_SAG,T2_AX (Table 2 rows 2-7; default all)")
+    cmd.add_argument("--aggregate", choices=["transformer", "attention"], help="attention: the paper's single-sequence baselines (rows 2-4)")
+    cmd.add_argument("--conditions", help="train only these heads' losses, comma separated (single-task baselines; default all five)")
+    cmd.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda when present)")
+    cmd.add_argument("--workers", type=int, default=2, help="processes building the disc cache (default 2)")
+    cmd.add_argument("--resume", action="store_true", help="continue the last run from its checkpoint")
+    cmd.set_defaults(run=_train)
+
+    cmd = commands.add_parser("evaluate", help="the paper's tables for one or more trained graders on their test split")
+    cmd.add_argument("--cache", type=Path, required=True, help="the disc cache the graders were trained from")
+    cmd.add_argument("--weights", type=Path, action="append", required=True, help="grader weights (repeat for Table 2 rows)")
+    cmd.add_argument("--json", action="store_true", help="print the reports as JSON")
+    cmd.set_defaults(run=_evaluate)
 
     cmd = commands.add_parser("config", help="print the configuration reference (Markdown)")
     cmd.set_defaults(run=lambda settings, args: print(reference_markdown(), end=""))
@@ -154,11 +178,13 @@ def _phantom_sheet(settings: Settings, args: argparse.Namespace) -> int:
 
 def _grade(settings: Settings, args: argparse.Namespace) -> int:
     from models.detect import DEFAULT_WEIGHTS, Detector
+    from models.grade import DEFAULT_GRADER, GraderModel, WeightsMismatch
     from worker.pipeline import StudyError, analyse_folder, result_json
 
     try:
-        analysis = analyse_folder(args.folder, Detector.load(args.detector or DEFAULT_WEIGHTS), settings.device_uid)
-    except (StudyError, FileNotFoundError) as exc:
+        grader = GraderModel.load(args.grader or DEFAULT_GRADER)
+        analysis = analyse_folder(args.folder, Detector.load(args.detector or DEFAULT_WEIGHTS), grader, settings.device_uid)
+    except (StudyError, FileNotFoundError, WeightsMismatch) as exc:
         print(f"spine-node: {exc}", file=sys.stderr)
         return 1
     result = result_json(analysis)
@@ -197,6 +223,56 @@ def _evaluate_detector(settings: Settings, args: argparse.Namespace) -> int:
     if args.twins:
         report["twins"] = twins(args.workdir / "twins", args.seed, args.twins, detector)
     _print_json(report)
+    return 0
+
+
+def _cuda() -> bool:
+    """Whether torch sees a GPU, without importing torch for the node's own commands."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _train(settings: Settings, args: argparse.Namespace) -> int:
+    from models.grader_card import SLOT_NAMES, train_and_card
+
+    overrides: dict[str, Any] = {k: v for k, v in (("epochs", args.epochs), ("batch", args.batch), ("seed", args.seed)) if v is not None}
+    if args.inputs:
+        unknown = set(args.inputs.split(",")) - set(SLOT_NAMES)
+        if unknown:
+            print(f"spine-node: unknown inputs {sorted(unknown)}; choose among {', '.join(SLOT_NAMES)}", file=sys.stderr)
+            return 2
+        overrides["slots"] = tuple(sorted(SLOT_NAMES[i] for i in args.inputs.split(",")))
+    if args.conditions:
+        from models.data.pathology import CONDITIONS
+
+        wanted = tuple(c for c in CONDITIONS if c in args.conditions.split(","))
+        if len(wanted) != len(args.conditions.split(",")):
+            print(f"spine-node: unknown conditions in {args.conditions!r}; choose among {', '.join(CONDITIONS)}", file=sys.stderr)
+            return 2
+        overrides["conditions"] = wanted
+    from models.grade import DEFAULT_GRADER
+
+    out = args.out or DEFAULT_GRADER
+    path = train_and_card(args.data, args.cache or args.data.parent / "disc-cache", args.workdir, out, args.preset, overrides,
+                          {"aggregate": args.aggregate} if args.aggregate else {}, args.device, args.resume, args.workers,
+                          "spine-node " + " ".join(sys.argv[1:]))
+    print(f"grader weights written to {path} (model card, report and figures beside them)")
+    return 0
+
+
+def _evaluate(settings: Settings, args: argparse.Namespace) -> int:
+    from models.grader_card import evaluate_weights
+
+    reports, tables = evaluate_weights(args.cache, args.weights)
+    if args.json:
+        _print_json(reports)
+    else:
+        print(tables)
     return 0
 
 

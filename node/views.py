@@ -55,10 +55,20 @@ def _when(iso: str | None) -> str:
 def print_result(result: dict[str, Any], console: Console) -> None:
     """A grading result for people: levels with centre, confidence and views, then warnings."""
     console.print(f"[bold]{escape(result['study_instance_uid'])}[/bold]  (research use only, not for diagnosis)")
-    levels = Table("level", "centre (LPS mm)", "confidence", "views", title="discs")
+    short = {"spinal_canal_stenosis": "SCS", "left_neural_foraminal_narrowing": "L-NFN", "right_neural_foraminal_narrowing": "R-NFN",
+             "left_subarticular_stenosis": "L-SS", "right_subarticular_stenosis": "R-SS"}
+    levels = Table("level", "centre (LPS mm)", "confidence", "views", *short.values(), title="discs")
     for level, lv in result["levels"].items():
         views = ", ".join(f"{v['role']}" for v in lv["views"])
-        levels.add_row(level, ", ".join(f"{c:.1f}" for c in lv["center"]), f"{lv['confidence']:.2f}", views)
+        grades = [_grade_cell(lv["conditions"].get(name)) for name in short]
+        levels.add_row(level, ", ".join(f"{c:.1f}" for c in lv["center"]), f"{lv['confidence']:.2f}", views, *grades)
     console.print(levels)
     for w in result["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {escape(w)}")
+
+
+def _grade_cell(condition: dict[str, Any] | None) -> str:
+    """'moderate 0.71': the grade and its probability, or '-' when not graded."""
+    if not condition:
+        return "-"
+    return f"{condition['grade'].replace('normal_mild', 'normal/mild')} {condition['probabilities'][condition['grade']]:.2f}"

@@ -29,4 +29,4 @@ def test_pipeline_benchmark_smoke_run(tmp_path: Path) -> None:
                             cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode in (0, 1), result.stdout + result.stderr  # 1: goal missed, still a valid run
     rows = json.loads(out.read_text())["results"]
-    assert len(rows) == 1 and all(rows[0][k] > 0 for k in ("volumes", "detect", "extract", "decode_only"))
+    assert len(rows) == 1 and all(rows[0][k] > 0 for k in ("volumes", "detect", "extract", "grade", "grade_paper", "decode_only"))

@@ -3,7 +3,7 @@
 The same pipeline serves ``spine-node grade DIR`` (offline, a folder of DICOM files) and, later,
 the worker's tasks (files from the node's store). Series roles come from ``node.series``, so a
 folder is read exactly as the node would read the same study received over the network.
-The result has the shape DESIGN.md gives; grades join it when the grader exists.
+The result has the shape DESIGN.md gives.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pydicom
 
 from models.analysis import StudyAnalysis, analyse_volumes
 from models.detect import Detector
+from models.grade import GraderModel
 from models.extract import SAGITTAL_ROLES
 from models.volumes import SeriesVolume, VolumeError, group_by_series, load_series
 from node.series import SeriesRole, classify_series
@@ -54,6 +55,8 @@ class Analysis:
     study: StudyAnalysis
     warnings: list[str]
     detector_sha256: str
+    grades: dict[str, dict[str, Any]] = field(default_factory=dict)
+    grader_sha256: str | None = None
 
     def volumes(self) -> dict[str, list[SeriesVolume]]:
         """Volumes per role, of the series that formed volumes."""
@@ -88,8 +91,9 @@ def read_series(paths: Iterable[Path], own_device_uid: str) -> tuple[str, list[S
     return studies.pop(), entries
 
 
-def analyse(study_uid: str, series: list[SeriesEntry], detector: Detector, device: str = "cpu") -> Analysis:
-    """Volumes of the graded roles, then the models' analysis; marks which series were used."""
+def analyse(study_uid: str, series: list[SeriesEntry], detector: Detector, grader: GraderModel | None, device: str = "cpu") -> Analysis:
+    """Volumes of the graded roles, the models' analysis and, with a grader, every level's grades
+    in one batch; marks which series were used."""
     warnings: list[str] = []
     for s in series:
         if s.role == SeriesRole.OTHER.value:
@@ -103,15 +107,16 @@ def analyse(study_uid: str, series: list[SeriesEntry], detector: Detector, devic
     used = {c.series_instance_uid for c in study.crops}
     for s in series:
         s.used = s.series_instance_uid in used
-    return Analysis(study_uid, series, study, warnings + study.warnings, detector.sha256)
+    grades = grader.grade(study.crops, list(study.discs)) if grader else {}
+    return Analysis(study_uid, series, study, warnings + study.warnings, detector.sha256, grades, grader.sha256 if grader else None)
 
 
-def analyse_folder(folder: Path, detector: Detector, own_device_uid: str, device: str = "cpu") -> Analysis:
+def analyse_folder(folder: Path, detector: Detector, grader: GraderModel | None, own_device_uid: str, device: str = "cpu") -> Analysis:
     """``analyse`` for every DICOM file under ``folder`` (recursively)."""
     if not folder.is_dir():
         raise StudyError(f"{folder} is not a folder")
     study_uid, series = read_series((p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() not in {".json", ".csv", ".png", ".md", ".txt"}), own_device_uid)
-    return analyse(study_uid, series, detector, device)
+    return analyse(study_uid, series, detector, grader, device)
 
 
 def _rounded(values: Iterable[float], digits: int = 2) -> list[float]:
@@ -133,11 +138,11 @@ def result_json(analysis: Analysis) -> dict[str, Any]:
             "normal": _rounded(disc.normal, 4),
             "depth_mm": round(disc.depth_mm, 1),
             "views": views,
-            "conditions": {},
+            "conditions": analysis.grades.get(level, {}),
         }
     return {
         "study_instance_uid": analysis.study_instance_uid,
-        "model": {"name": "spine-node", "version": importlib.metadata.version("spine-node"), "detector_sha256": analysis.detector_sha256, "weights_sha256": None},
+        "model": {"name": "spine-node", "version": importlib.metadata.version("spine-node"), "detector_sha256": analysis.detector_sha256, "weights_sha256": analysis.grader_sha256},
         "series": [{"series_instance_uid": s.series_instance_uid, "role": s.role, "role_reason": s.role_reason, "used": s.used} for s in analysis.series],
         "levels": levels,
         "warnings": analysis.warnings,

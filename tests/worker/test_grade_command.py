@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.data.pathology import LEVELS
+from models.data.pathology import CONDITIONS, LEVELS
 from models.data.phantom import generate
 
 
@@ -29,7 +29,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_grade_json_has_every_level_near_the_truth(study: Path, tmp_path: Path) -> None:
     """Five levels with centres within 4 mm of the truth, confidence, views from all four series,
-    every graded series used, research-only marking; the debug pictures are written."""
+    five graded conditions with probabilities, every graded series used, research-only marking;
+    the debug pictures are written."""
     result = grade(study, "--json", "--debug-dir", tmp_path / "debug")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
@@ -42,6 +43,12 @@ def test_grade_json_has_every_level_near_the_truth(study: Path, tmp_path: Path) 
         assert np.linalg.norm(np.array(lv["center"]) - truth["levels"][level]["center"]) < 4.0
         assert 0.5 < lv["confidence"] <= 1.0
         assert sorted(v["role"] for v in lv["views"]) == ["STIR_SAG", "T1_SAG", "T2_AX", "T2_SAG"]
+        assert set(lv["conditions"]) == set(CONDITIONS)
+        for graded in lv["conditions"].values():
+            probs = graded["probabilities"]
+            assert set(probs) == {"normal_mild", "moderate", "severe"} and sum(probs.values()) == pytest.approx(1.0, abs=1e-3)
+            assert graded["grade"] == max(probs, key=probs.__getitem__)
+    assert len(out["model"]["weights_sha256"]) == 64
     assert sorted((s["role"], s["used"]) for s in out["series"]) == [("STIR_SAG", True), ("T1_SAG", True), ("T2_AX", True), ("T2_SAG", True)]
     assert out["warnings"] == []
     pictures = {p.name for p in (tmp_path / "debug").iterdir()}
@@ -62,10 +69,10 @@ def test_grade_without_axial_warns_and_keeps_the_sagittal_views(study: Path, tmp
 
 
 def test_grade_table_for_people(study: Path) -> None:
-    """Without --json: a table naming every level, and the research-only line."""
+    """Without --json: a table naming every level with its grades, and the research-only line."""
     result = grade(study)
     assert result.returncode == 0, result.stderr
-    assert all(level in result.stdout for level in LEVELS)
+    assert all(level in result.stdout for level in LEVELS) and "SCS" in result.stdout
     assert "not for diagnosis" in result.stdout
 
 

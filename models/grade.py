@@ -1,0 +1,90 @@
+"""Grading with shipped weights: load once, check the hash against the card, grade a study's
+discs in one batch with calibrated probabilities.
+
+The weights file carries its architecture, training configuration and per-condition
+temperatures as safetensors metadata; its model card (same name, ``.md``) carries its SHA-256.
+Weights whose hash is not on their card are refused: a file swapped or corrupted on disk must
+not grade patients' studies under another model's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from models.data.pathology import LEVELS
+from models.extract import Crop, disc_slots
+from models.grader import GRADES, Grader, GraderConfig
+from models.train_grader import SLOT_VIEWS, TrainConfig
+
+__all__ = ["DEFAULT_GRADER", "GraderModel", "WeightsMismatch"]
+
+DEFAULT_GRADER = Path(__file__).parent / "weights" / "grader.safetensors"
+
+
+class WeightsMismatch(RuntimeError):
+    """Weights whose hash is not the one their model card records."""
+
+
+@dataclass
+class GraderModel:
+    """A loaded grader with its configuration, temperatures and weights hash."""
+
+    model: Grader
+    train_config: TrainConfig
+    temperatures: dict[str, float]
+    sha256: str
+    device: torch.device
+    metadata: dict[str, str]
+
+    @classmethod
+    def load(cls, path: Path = DEFAULT_GRADER, device: str = "cpu", verify: bool = True) -> GraderModel:
+        """Load fp16 weights written by ``spine-node train``; refuse them if the card disagrees."""
+        if not path.exists():
+            raise FileNotFoundError(f"grader weights not found at {path}; run `spine-node train`")
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        card = path.with_suffix(".md")
+        if verify and (not card.exists() or sha not in card.read_text()):
+            raise WeightsMismatch(f"{path.name}: its SHA-256 {sha[:12]}... is not on its model card {card.name}")
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        model = Grader(GraderConfig(**json.loads(meta["grader_config"])))
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        config = json.loads(meta["train_config"])
+        train = TrainConfig(**{**config, "size": tuple(config["size"]), "slots": tuple(config["slots"]), "conditions": tuple(config["conditions"])})
+        dev = torch.device(device)
+        return cls(model.to(dev).eval(), train, json.loads(meta.get("temperatures", "{}")), sha, dev, meta)
+
+    @torch.inference_mode()
+    def probabilities(self, volumes: np.ndarray, present: np.ndarray, levels: Sequence[int]) -> dict[str, np.ndarray]:
+        """Calibrated probabilities per condition, (discs, 3), for slot volumes (discs, 3, S, H, W)."""
+        slots = list(self.train_config.slots)
+        vol = torch.from_numpy(np.ascontiguousarray(volumes[:, slots], dtype=np.float32)).to(self.device)
+        b, m, s, h, w = vol.shape
+        if (h, w) != self.train_config.size:
+            vol = torch.nn.functional.interpolate(vol.reshape(b * m, s, h, w), size=self.train_config.size, mode="bilinear", align_corners=False).reshape(b, m, s, *self.train_config.size)
+        views = torch.tensor([[SLOT_VIEWS[k] for k in slots]] * b, device=self.device)
+        out = self.model(vol, torch.from_numpy(present[:, slots]).to(self.device), views, torch.as_tensor(list(levels), device=self.device))
+        return {c: torch.softmax(out[c].float() / self.temperatures.get(c, 1.0), dim=1).cpu().numpy() for c in self.train_config.conditions}
+
+    def grade(self, crops: Sequence[Crop], levels: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Per level and condition: the grade and its probabilities, all levels in one batch."""
+        levels = [lv for lv in levels if any(c.level == lv for c in crops)]
+        if not levels:
+            return {}
+        volumes, present = disc_slots(crops, levels)
+        probs = self.probabilities(volumes, present, [LEVELS.index(lv) for lv in levels])
+        return {
+            lv: {c: {"grade": GRADES[int(np.argmax(p[i]))], "probabilities": {g: round(float(p[i, j]), 4) for j, g in enumerate(GRADES)}} for c, p in probs.items()}
+            for i, lv in enumerate(levels)
+        }
+

@@ -38,8 +38,13 @@ TABLE2_COLUMNS = ("SCS", "L-NFN", "R-NFN", "L-SS", "R-SS")
 
 
 def fit_temperatures(logits: Mapping[str, np.ndarray], data: DiscSet, conditions: Sequence[str] = CONDITIONS) -> dict[str, float]:
-    """One temperature per condition, fitted on (validation) logits and labels."""
-    return {c: float(fit_temperature(logits[c], data.labels[:, CONDITIONS.index(c)])) for c in conditions}
+    """One temperature per condition, fitted on (validation) logits and labels; 1 for a condition
+    without any validation label."""
+    out = {}
+    for c in conditions:
+        labels = data.labels[:, CONDITIONS.index(c)]
+        out[c] = float(fit_temperature(logits[c], labels)) if (labels >= 0).any() else 1.0
+    return out
 
 
 def evaluate_logits(logits: Mapping[str, np.ndarray], data: DiscSet, temperatures: Mapping[str, float], figures: Path | None = None, conditions: Sequence[str] = CONDITIONS) -> dict[str, Any]:
@@ -65,7 +70,7 @@ def evaluate_logits(logits: Mapping[str, np.ndarray], data: DiscSet, temperature
         report["competition_log_loss"] = {k: _finite(v) for k, v in competition_log_loss(labels, calibrated, np.asarray(data.study_ids)).items()}
     if figures is not None:
         figures.mkdir(parents=True, exist_ok=True)
-        roc_png(figures / "roc_severe.png", {c: ((labels[c] == 2).astype(int), calibrated[c][:, 2]) for c in conditions if (labels[c] == 2).any()}, "ROC, severe vs rest (test split)")
+        roc_png(figures / "roc_severe.png", {c: (labels[c], calibrated[c][:, 2]) for c in conditions if (labels[c] == 2).any()}, "ROC, severe vs rest (test split)")
         for c in conditions:
             reliability_png(figures / f"reliability_{c}.png", labels[c], calibrated[c], f"{c}, temperature-scaled")
     return report

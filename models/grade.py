@@ -22,8 +22,8 @@ from safetensors import safe_open
 
 from models.data.pathology import LEVELS
 from models.extract import Crop, disc_slots
-from models.grader import GRADES, Grader, GraderConfig
-from models.train_grader import SLOT_VIEWS, TrainConfig
+from models.grader import GRADES, Grader, GraderConfig, prepare_inputs
+from models.train_grader import TrainConfig
 
 __all__ = ["DEFAULT_GRADER", "GraderModel", "WeightsMismatch"]
 
@@ -67,21 +67,19 @@ class GraderModel:
     @torch.inference_mode()
     def probabilities(self, volumes: np.ndarray, present: np.ndarray, levels: Sequence[int]) -> dict[str, np.ndarray]:
         """Calibrated probabilities per condition, (discs, 3), for slot volumes (discs, 3, S, H, W)."""
-        slots = list(self.train_config.slots)
-        vol = torch.from_numpy(np.ascontiguousarray(volumes[:, slots], dtype=np.float32)).to(self.device)
-        b, m, s, h, w = vol.shape
-        if (h, w) != self.train_config.size:
-            vol = torch.nn.functional.interpolate(vol.reshape(b * m, s, h, w), size=self.train_config.size, mode="bilinear", align_corners=False).reshape(b, m, s, *self.train_config.size)
-        views = torch.tensor([[SLOT_VIEWS[k] for k in slots]] * b, device=self.device)
-        out = self.model(vol, torch.from_numpy(present[:, slots]).to(self.device), views, torch.as_tensor(list(levels), device=self.device))
+        inputs = prepare_inputs(volumes, present, np.asarray(levels), self.train_config.slots, self.train_config.size, self.device)
+        out = self.model(**inputs)
         return {c: torch.softmax(out[c].float() / self.temperatures.get(c, 1.0), dim=1).cpu().numpy() for c in self.train_config.conditions}
 
     def grade(self, crops: Sequence[Crop], levels: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """Per level and condition: the grade and its probabilities, all levels in one batch."""
-        levels = [lv for lv in levels if any(c.level == lv for c in crops)]
+        """Per level and condition: the grade and its probabilities, all levels in one batch;
+        levels without a volume of the slots the model reads are left out."""
+        volumes, present = disc_slots(crops, levels)
+        graded = np.asarray(present[:, list(self.train_config.slots)].any(axis=1), dtype=bool)
+        levels = [lv for lv, ok in zip(levels, graded.tolist()) if ok]
         if not levels:
             return {}
-        volumes, present = disc_slots(crops, levels)
+        volumes, present = volumes[graded], present[graded]
         probs = self.probabilities(volumes, present, [LEVELS.index(lv) for lv in levels])
         return {
             lv: {c: {"grade": GRADES[int(np.argmax(p[i]))], "probabilities": {g: round(float(p[i, j]), 4) for j, g in enumerate(GRADES)}} for c, p in probs.items()}

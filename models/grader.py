@@ -32,9 +32,12 @@ transformer and no final norm.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -252,3 +255,22 @@ class Grader(nn.Module):
         score = self.pool_score(tokens).squeeze(-1).float().masked_fill(~valid, float("-inf"))
         weight = score.softmax(dim=1).to(tokens.dtype)
         return torch.einsum("bl,bld->bd", weight, tokens)
+
+
+SLOT_VIEWS = (0, 0, 1)  # input slots T1 sagittal, T2/STIR sagittal, T2 axial -> view 0 sagittal, 1 axial
+
+
+def prepare_inputs(volumes: np.ndarray, present: np.ndarray, levels: np.ndarray, slots: Sequence[int], size: tuple[int, int], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model's inputs from slot arrays (discs, 3, S, H, W): the chosen slots, slices resized to
+    ``size`` on the device, presence, views and levels. Training and inference both use it."""
+    chosen = list(slots)
+    vol = torch.from_numpy(np.ascontiguousarray(volumes[:, chosen], dtype=np.float32)).to(device)
+    b, m, s, h, w = vol.shape
+    if (h, w) != tuple(size):
+        vol = torch.nn.functional.interpolate(vol.reshape(b * m, s, h, w), size=tuple(size), mode="bilinear", align_corners=False).reshape(b, m, s, *size)
+    return {
+        "volumes": vol,
+        "present": torch.from_numpy(np.ascontiguousarray(present[:, chosen])).to(device),
+        "views": torch.tensor([[SLOT_VIEWS[k] for k in chosen]] * b, device=device),
+        "levels": torch.as_tensor(np.asarray(levels, dtype=np.int64), device=device),
+    }

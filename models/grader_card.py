@@ -26,8 +26,9 @@ import torch
 from models.data.discs import SLOTS, DiscSet, build_cache, load_cache, split_studies
 from models.detect import DEFAULT_WEIGHTS, Detector
 from models.evaluate_grader import evaluate_logits, fit_temperatures, table2, table3
-from models.grader import GraderConfig
-from models.train_grader import TrainConfig, predict, save_grader, train_grader
+from models.grade import GraderModel
+from models.grader import Grader, GraderConfig
+from models.train_grader import TrainConfig, predict, save_grader, train_grader, usable
 
 __all__ = ["PRESETS", "split_of", "train_and_card"]
 
@@ -55,7 +56,8 @@ def train_and_card(data_dir: Path, cache: Path, workdir: Path, out: Path, preset
     build_cache(data_dir, cache, Detector.load(DEFAULT_WEIGHTS), workers=workers)
     data = load_cache(cache)
     train_ids, val_ids, test_ids = split_of(data, train_config.seed)
-    train, val, test = (data.select(ids) for ids in (train_ids, val_ids, test_ids))
+    train, val, test = (usable(data.select(ids), train_config.slots) for ids in (train_ids, val_ids, test_ids))
+    del data
     dev = torch.device(device)
     trained = train_grader(train, val, model_config, train_config, workdir / out.stem, device, resume=resume)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -64,11 +66,13 @@ def train_and_card(data_dir: Path, cache: Path, workdir: Path, out: Path, preset
     facts = {
         "trained_on": f"{len(train_ids)} studies ({len(train.levels)} discs) of {_provenance(data_dir)}; validation {len(val_ids)}, test {len(test_ids)} studies (patient-level stratified split, seed {train_config.seed})",
         "preset": preset, "train_config": json.dumps(asdict(train_config)), "temperatures": json.dumps(temperatures),
-        "selected_epoch": str(trained.selected_epoch), "train_seconds": str(round(time.monotonic() - started)),
+        "selected_epoch": str(trained.selected_epoch), "train_seconds": str(round(time.monotonic() - started)), "device": dev.type,
+        "test_ids_sha256": hashlib.sha256(",".join(sorted(test_ids)).encode()).hexdigest(),
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "torch": torch.__version__,
     }
     save_grader(trained.model, out, facts)
-    report = evaluate_logits(predict(trained.model, test, train_config, dev), test, temperatures, out.parent / f"{out.stem}-figures", train_config.conditions)
+    shipped = GraderModel.load(out, device, verify=False)  # measure the fp16 weights as written
+    report = evaluate_logits(predict(shipped.model, test, train_config, dev), test, temperatures, out.parent / f"{out.stem}-figures", train_config.conditions)
     (out.parent / f"{out.stem}-report.json").write_text(json.dumps(report, indent=1))
     _write_card(out, facts, report, trained.history, command, model_config, train_config)
     return out
@@ -86,7 +90,7 @@ def _provenance(data_dir: Path) -> str:
 def _write_card(out: Path, facts: dict[str, str], report: dict[str, Any], history: list[dict[str, Any]], command: str, model: GraderConfig, train: TrainConfig) -> None:
     """The grader's model card (Markdown) beside its weights."""
     sha = hashlib.sha256(out.read_bytes()).hexdigest()
-    params = _parameters(model)
+    params = Grader(model).parameter_count()
     card = f"""# Stenosis grader (five conditions x three grades per disc level)
 
 **Research use only. Not for diagnostic use.** Validate it on your own data before trusting a
@@ -103,7 +107,7 @@ grade: the scores below are those of its own test split only.
   AdamW {train.lr_min:g} -> {train.lr_max:g}, warm-up {train.warmup}, restarts every {train.restart} epochs, seed {train.seed}.
 - Trained on: {facts['trained_on']}.
 - Selected epoch: {facts['selected_epoch']} (best mean validation macro AUROC over 10 consecutive epochs);
-  trained in {facts['train_seconds']} s on {'CPU' if 'cpu' in facts['preset'] else 'the given device'}, torch {facts['torch']}, {facts['created']}.
+  trained in {facts['train_seconds']} s on {facts['device'].upper()}, torch {facts['torch']}, {facts['created']}.
 - Temperatures (fitted on validation, applied at inference): {facts['temperatures']}
 - Command: `{command}`
 
@@ -128,23 +132,16 @@ Figures: `{out.stem}-figures/` (ROC of the severe class, reliability diagrams). 
     out.with_suffix(".md").write_text(card)
 
 
-def _parameters(model: GraderConfig) -> int:
-    """Parameter count of a configuration."""
-    from models.grader import Grader
-
-    return sum(p.numel() for p in Grader(model).parameters())
-
-
 def evaluate_weights(cache: Path, weights: list[Path]) -> tuple[dict[str, Any], str]:
     """Reports and the paper's tables for graders trained from one cache, each on its own test split."""
-    from models.grade import GraderModel
-
     data = load_cache(cache)
     reports: dict[str, Any] = {}
     for path in weights:
         grader = GraderModel.load(path)
         _, _, test_ids = split_of(data, grader.train_config.seed)
-        test = data.select(test_ids)
+        if hashlib.sha256(",".join(sorted(test_ids)).encode()).hexdigest() != grader.metadata.get("test_ids_sha256"):
+            raise ValueError(f"{path.name} was not trained from this cache as it is now: its test split would differ")
+        test = usable(data.select(test_ids), grader.train_config.slots)
         name = f"{path.stem} ({'+'.join(k for k, v in SLOT_NAMES.items() if v in grader.train_config.slots)}, {grader.model.config.aggregate})"
         reports[name] = evaluate_logits(predict(grader.model, test, grader.train_config, grader.device), test, grader.temperatures, None, grader.train_config.conditions)
     tables = "Table 2: macro AUROC per condition\n\n" + table2(reports)

@@ -12,13 +12,14 @@ optimiser steps would restart hundreds of times in one of its 200 epochs.
 Augmentations, on the device and for the whole batch at once: every volume shifted by up to 2
 slices, each sample flipped with probability 0.5 (axial slices mirrored left-right, sagittal
 slice order reversed) with left and right labels swapped, an intensity offset in [-0.1, 0.1],
-and a random affine per volume: translation up to 22 px horizontally and 12 px vertically,
-scale 0.9-1.1, rotation -20..20 degrees.
+and a random affine per volume: translation up to 22 px horizontally and 12 px vertically (of
+224x112 slices, scaled with the slice size), scale 0.9-1.1, rotation -20..20 degrees.
 
 Model selection: "the highest macro-averaged AUROC achieved over 10 consecutive validation
 epochs" is read as the highest mean, over a window of the 10 latest epochs, of the validation
 macro AUROC averaged over the five conditions; the weights kept are those of the epoch that
-closes the best window (with fewer than 10 epochs, the window is all of them).
+closes the best full window (a run shorter than 10 epochs compares windows of all its epochs
+so far only at its end; until a window is full, the latest epoch is kept).
 
 bf16 autocast and channels-last are used on CUDA; a checkpoint after every epoch makes a run
 resumable; seeds are set for Python, NumPy and torch.
@@ -44,13 +45,12 @@ from safetensors.torch import save_file
 
 from models.data.discs import DiscSet
 from models.data.pathology import CONDITIONS
-from models.grader import Grader, GraderConfig
+from models.grader import Grader, GraderConfig, prepare_inputs
 from models.metrics import macro_auroc
 
 LOGGER = logging.getLogger(__name__)
-__all__ = ["TrainConfig", "Trained", "class_weights", "predict", "save_grader", "train_grader"]
+__all__ = ["TrainConfig", "Trained", "class_weights", "predict", "save_grader", "train_grader", "usable"]
 
-SLOT_VIEWS = (0, 0, 1)  # slots: T1 sagittal, T2/STIR sagittal, T2 axial; view 0 sagittal, 1 axial
 SWAP = {c: c.replace("left", "right") if "left" in c else c.replace("right", "left") for c in CONDITIONS}
 SELECTION_WINDOW = 10
 
@@ -109,20 +109,16 @@ def class_weights(labels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def usable(data: DiscSet, slots: Sequence[int]) -> DiscSet:
+    """The rows that have at least one of the used slots (a level the detector missed has none)."""
+    keep = data.present[:, list(slots)].any(axis=1)
+    return data if keep.all() else data.select_rows(np.flatnonzero(keep))
+
+
 def _batch(data: DiscSet, rows: np.ndarray, config: TrainConfig, device: torch.device) -> dict[str, torch.Tensor]:
-    """Tensors of some rows, resized to ``config.size`` on the device, absent slots masked out."""
-    slots = list(config.slots)
-    vol = torch.from_numpy(data.volumes[rows][:, slots].astype(np.float32)).to(device)
-    b, m, s, h, w = vol.shape
-    if (h, w) != config.size:
-        vol = F.interpolate(vol.reshape(b * m, s, h, w), size=config.size, mode="bilinear", align_corners=False).reshape(b, m, s, *config.size)
-    return {
-        "volumes": vol,
-        "present": torch.from_numpy(data.present[rows][:, slots]).to(device),
-        "views": torch.tensor([[SLOT_VIEWS[k] for k in slots]] * b, device=device),
-        "levels": torch.from_numpy(data.levels[rows]).to(device),
-        "labels": torch.from_numpy(data.labels[rows].astype(np.int64)).to(device),
-    }
+    """Model inputs and labels of some rows (see ``prepare_inputs``)."""
+    inputs = prepare_inputs(data.volumes[rows], data.present[rows], data.levels[rows], config.slots, config.size, device)
+    return {**inputs, "labels": torch.from_numpy(data.labels[rows].astype(np.int64)).to(device)}
 
 
 def flip(batch: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -163,7 +159,9 @@ def augment(batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[
 
     batch = flip(batch, uniform(0, 1, b) < 0.5)
     vol = shift_slices(batch["volumes"], torch.randint(-2, 3, (b * m,), generator=generator, device=dev))
-    vol = affine(vol, uniform(-20, 20, b * m) * math.pi / 180, uniform(0.9, 1.1, b * m), uniform(-22, 22, b * m), uniform(-12, 12, b * m))
+    h, w = vol.shape[-2:]
+    # the paper's 22 and 12 pixels are of 224x112 slices: scaled to the slices' actual size
+    vol = affine(vol, uniform(-20, 20, b * m) * math.pi / 180, uniform(0.9, 1.1, b * m), uniform(-22, 22, b * m) * w / 224, uniform(-12, 12, b * m) * h / 112)
     vol = (vol + uniform(-0.1, 0.1, b * m).reshape(b, m, 1, 1, 1)).clamp(0, 1.1)
     return {**batch, "volumes": vol}
 
@@ -187,7 +185,8 @@ def _autocast(device: torch.device) -> Any:
 
 @torch.inference_mode()
 def predict(model: Grader, data: DiscSet, config: TrainConfig, device: torch.device, batch: int = 16) -> dict[str, np.ndarray]:
-    """Logits of every row, per head (conditions and level), in row order."""
+    """Logits of every row, per head (conditions and level), in row order; every row must have
+    one of the used slots (``usable``)."""
     model.eval()
     out: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(data.levels), batch):
@@ -214,6 +213,7 @@ def validation_auroc(logits: dict[str, np.ndarray], data: DiscSet, conditions: S
 def train_grader(train: DiscSet, val: DiscSet, model_config: GraderConfig, config: TrainConfig, out: Path, device: str = "cpu", resume: bool = False, progress: bool = True) -> Trained:
     """Train from scratch (or resume ``out/last.pt``), selecting by the windowed validation AUROC."""
     dev = torch.device(device)
+    train, val = usable(train, config.slots), usable(val, config.slots)
     seed_everything(config.seed)
     model = Grader(model_config).to(dev)
     if dev.type == "cuda":
@@ -227,14 +227,22 @@ def train_grader(train: DiscSet, val: DiscSet, model_config: GraderConfig, confi
     best_window = -math.inf
     start = 0
     last = out / "last.pt"
+    # what a resumed run must share with its checkpoint (more epochs may be asked for)
+    identity = {"config": json.dumps({k: v for k, v in asdict(config).items() if k != "epochs"}), "model": json.dumps(asdict(model_config)), "train_ids": sorted(set(train.study_ids.tolist())), "val_ids": sorted(set(val.study_ids.tolist()))}
     if resume and last.exists():
-        state = torch.load(last, map_location=dev, weights_only=False)
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        if state.get("identity") != identity:
+            raise ValueError(f"{last} was trained with another configuration or split; start afresh without --resume")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         order_rng.bit_generator.state = state["order_rng"]
         torch.set_rng_state(state["torch_rng"])
+        if dev.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         trained.history, trained.selected_epoch, best_window, start = state["history"], state["selected_epoch"], state["best_window"], state["epoch"] + 1
+    else:
+        (out / "selected.pt").unlink(missing_ok=True)
     steps = math.ceil(len(train.levels) / config.batch)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}  val AUROC {task.fields[auroc]}"), TimeRemainingColumn()]
     with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
@@ -260,14 +268,16 @@ def train_grader(train: DiscSet, val: DiscSet, model_config: GraderConfig, confi
             scores = validation_auroc(predict(model, val, config, dev), val, config.conditions)
             trained.history.append({"epoch": epoch, "lr": learning_rate(epoch, config), "loss": float(np.mean(losses)), **{f"val_auroc_{k}": v for k, v in scores.items()}})
             window = [h["val_auroc_mean"] for h in trained.history[-SELECTION_WINDOW:]]
-            windowed = float(np.mean(window))
-            if windowed > best_window:
-                best_window, trained.selected_epoch = windowed, epoch
+            windowed = float(np.nanmean(window)) if not np.isnan(window).all() else -1.0
+            full = len(trained.history) >= min(SELECTION_WINDOW, config.epochs)
+            if (full and windowed > best_window) or not (out / "selected.pt").exists():
+                best_window, trained.selected_epoch = (windowed if full else best_window), epoch
                 torch.save(model.state_dict(), out / "selected.pt")
             bar.update(task, auroc=f"{scores['mean']:.3f}")
             LOGGER.info("grader epoch", extra={"epoch": epoch, "loss": round(float(np.mean(losses)), 4), "val_auroc": round(scores["mean"], 4), "window": round(windowed, 4)})
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": generator.get_state(), "order_rng": order_rng.bit_generator.state,
-                        "torch_rng": torch.get_rng_state(), "history": trained.history, "selected_epoch": trained.selected_epoch, "best_window": best_window, "epoch": epoch}, out / "last.pt.tmp")
+                        "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if dev.type == "cuda" else None, "identity": identity, "history": trained.history, "selected_epoch": trained.selected_epoch, "best_window": best_window, "epoch": epoch}, out / "last.pt.tmp")
             (out / "last.pt.tmp").replace(last)
     model.load_state_dict(torch.load(out / "selected.pt", map_location=dev))
     return trained

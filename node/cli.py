@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--inputs", help="volumes used, comma separated among T1_SAG,T2_SAG,T2_AX (Table 2 rows 2-7; default all)")
     cmd.add_argument("--aggregate", choices=["transformer", "attention"], help="attention: the paper's single-sequence baselines (rows 2-4)")
     cmd.add_argument("--conditions", help="train only these heads' losses, comma separated (single-task baselines; default all five)")
-    cmd.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda when present)")
+    cmd.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
     cmd.add_argument("--workers", type=int, default=2, help="processes building the disc cache (default 2)")
     cmd.add_argument("--resume", action="store_true", help="continue the last run from its checkpoint")
     cmd.set_defaults(run=_train)
@@ -226,17 +226,6 @@ def _evaluate_detector(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cuda() -> bool:
-    """Whether torch sees a GPU, without importing torch for the node's own commands."""
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
 def _train(settings: Settings, args: argparse.Namespace) -> int:
     from models.grader_card import SLOT_NAMES, train_and_card
 
@@ -258,8 +247,11 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
     from models.grade import DEFAULT_GRADER
 
     out = args.out or DEFAULT_GRADER
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = train_and_card(args.data, args.cache or args.data.parent / "disc-cache", args.workdir, out, args.preset, overrides,
-                          {"aggregate": args.aggregate} if args.aggregate else {}, args.device, args.resume, args.workers,
+                          {"aggregate": args.aggregate} if args.aggregate else {}, device, args.resume, args.workers,
                           "spine-node " + " ".join(sys.argv[1:]))
     print(f"grader weights written to {path} (model card, report and figures beside them)")
     return 0

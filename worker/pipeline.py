@@ -19,8 +19,8 @@ import pydicom
 
 from models.analysis import StudyAnalysis, analyse_volumes
 from models.detect import Detector
-from models.grade import GraderModel
 from models.extract import SAGITTAL_ROLES
+from models.grade import GraderModel
 from models.volumes import SeriesVolume, VolumeError, group_by_series, load_series
 from node.series import SeriesRole, classify_series
 
@@ -48,7 +48,7 @@ class SeriesEntry:
 
 @dataclass
 class Analysis:
-    """Everything the pipeline found in one study, before grading."""
+    """Everything the pipeline found in one study: series, discs, crops, grades and warnings."""
 
     study_instance_uid: str
     series: list[SeriesEntry]

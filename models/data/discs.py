@@ -105,7 +105,10 @@ class DiscSet:
         absent = sorted(set(wanted) - set(self.study_ids))
         if absent:
             raise ValueError(f"study_ids not in the set: {absent[:5]}{' ...' if len(absent) > 5 else ''}")
-        rows = np.isin(self.study_ids, wanted)
+        return self.select_rows(np.flatnonzero(np.isin(self.study_ids, wanted)))
+
+    def select_rows(self, rows: np.ndarray) -> DiscSet:
+        """These rows (indices), in the given order."""
         return replace(self, volumes=self.volumes[rows], present=self.present[rows], labels=self.labels[rows], levels=self.levels[rows], study_ids=self.study_ids[rows])
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from models.data.discs import DiscSet
 from models.data.pathology import CONDITIONS
 from models.data.phantom import generate
 from models.extract import CROP_SHAPE
+from models.evaluate_grader import evaluate_logits
 from models.grade import GraderModel, WeightsMismatch
 from models.grader import GraderConfig
-from models.train_grader import TrainConfig, affine, class_weights, flip, learning_rate, shift_slices, train_grader
+from models.metrics import PALETTE
+from models.train_grader import TrainConfig, affine, class_weights, flip, learning_rate, shift_slices, train_grader, usable
 
 TINY = GraderConfig(width=8)
 
@@ -86,7 +88,7 @@ def test_training_learns_selects_and_resumes(tmp_path: Path) -> None:
     """On a learnable toy task the selected model beats chance on spinal canal stenosis; a run
     stopped after three epochs and resumed ends exactly like an uninterrupted one."""
     torch.set_num_threads(1)
-    train, val = synthetic(60, 1), synthetic(30, 2)
+    train, val = synthetic(120, 1), synthetic(30, 2)
     config = TrainConfig(epochs=5, batch=10, lr_max=3e-3, lr_min=1e-4, warmup=1, restart=5, size=(32, 64))
     straight = train_grader(train, val, TINY, config, tmp_path / "a", progress=False)
     assert len(straight.history) == 5 and 0 <= straight.selected_epoch < 5
@@ -143,4 +145,36 @@ def test_evaluate_command_prints_the_papers_tables(trained: Path) -> None:
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Table 2" in result.stdout and "Table 3" in result.stdout and "| severe" in result.stdout.replace("severe |", "| severe")
-    assert not math.isnan(0.0)
+
+
+def test_resume_refuses_another_configuration(tmp_path: Path) -> None:
+    """A checkpoint is only continued with the configuration and split it was trained with."""
+    torch.set_num_threads(1)
+    train, val = synthetic(20, 1), synthetic(10, 2)
+    config = TrainConfig(epochs=1, batch=10, size=(32, 64))
+    train_grader(train, val, TINY, config, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="another configuration or split"):
+        train_grader(train, val, TINY, dataclasses.replace(config, seed=1), tmp_path, resume=True, progress=False)
+
+
+def test_levels_without_the_models_inputs_are_left_out_of_training() -> None:
+    """A level whose used volumes are all absent (the detector missed it) is not a training row."""
+    data = synthetic(10, 3)
+    data.present[0] = False
+    data.present[1, :2] = False
+    assert len(usable(data, (0, 1, 2))) == 9
+    assert len(usable(data, (0, 1))) == 8
+
+
+def test_report_draws_a_severe_roc_curve_per_condition(tmp_path: Path) -> None:
+    """The test report's ROC figure holds one coloured curve per condition that has severe cases,
+    and its AUROCs agree with the report's per-grade values."""
+    data = synthetic(60, 4)
+    rng = np.random.default_rng(0)
+    logits = {c: rng.normal(size=(60, 3)) + 2 * np.eye(3)[np.clip(data.labels[:, i], 0, 2)] for i, c in enumerate(CONDITIONS)}
+    report = evaluate_logits(logits, data, {c: 1.0 for c in CONDITIONS}, tmp_path)
+    image = np.asarray(Image.open(tmp_path / "roc_severe.png").convert("RGB")).reshape(-1, 3)
+    colours = set(PALETTE[: len(CONDITIONS)])
+    drawn = {tuple(p) for p in np.unique(image, axis=0)}
+    assert colours <= drawn
+    assert all(r["class_auroc"]["severe"] > 0.8 for r in report["conditions"].values())

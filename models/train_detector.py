@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from models.data.pathology import LEVELS
 from models.data.phantom import PhantomOptions, generate_study
-from models.detect import canonical_box, normalise, stacked_inputs
+from models.detect import canonical_box, normalise
 from models.detector_net import DEPTH_SCALE, INPUT_SIZE, INPUT_SPACING, LEVEL_COUNT, DiscNet
 from models.sampler import Box, sample
 from models.volumes import SeriesVolume, load_series

@@ -92,18 +92,37 @@ def group_by_series(paths: Iterable[Path]) -> dict[str, list[Path]]:
 
 def load_series(items: Sequence[Path | Dataset]) -> tuple[list[SeriesVolume], list[str]]:
     """Volumes of one series (one per stack, ordered along the first stack's slice axis) and the
-    reasons stacks were left out; raises VolumeError when no stack forms a volume."""
-    datasets = [pydicom.dcmread(i) if isinstance(i, Path) else i for i in items]
-    if not datasets:
+    reasons instances and stacks were left out; raises VolumeError when no stack forms a volume.
+
+    An instance that cannot be read or decoded (a truncated file, corrupt pixel data) is left out
+    with its reason, so the rest of the series still forms what volumes it can.
+    """
+    if not items:
         raise VolumeError("the series has no instances")
-    series_uid = str(datasets[0].get("SeriesInstanceUID", ""))
-    # a canonical order first, so that grouping and stack order do not depend on the file order
-    frames = sorted((f for ds in datasets for f in _frames(ds)), key=lambda f: (f.source.sop_instance_uid, f.source.frame or 0))
-    volumes: list[SeriesVolume] = []
+    frames: list[_Frame] = []
     skipped: list[str] = []
+    first: Dataset | None = None
+    for item in items:
+        name = item.name if isinstance(item, Path) else str(item.get("SOPInstanceUID", "?"))
+        try:
+            ds = pydicom.dcmread(item) if isinstance(item, Path) else item
+            frames.extend(_frames(ds))
+        except VolumeError as exc:
+            skipped.append(str(exc))
+            continue
+        except Exception as exc:  # noqa: BLE001 - readers and pixel decoders raise many types
+            skipped.append(f"instance {name} unreadable ({type(exc).__name__}: {str(exc)[:120]})")
+            continue
+        first = first or ds
+    if first is None:
+        raise VolumeError(f"no instance of the series could be read: {'; '.join(skipped[:3])}")
+    series_uid = str(first.get("SeriesInstanceUID", ""))
+    # a canonical order first, so that grouping and stack order do not depend on the file order
+    frames.sort(key=lambda f: (f.source.sop_instance_uid, f.source.frame or 0))
+    volumes: list[SeriesVolume] = []
     for index, group in enumerate(_stacks(frames)):
         try:
-            volumes.append(_volume(series_uid, index, group, datasets[0]))
+            volumes.append(_volume(series_uid, index, group, first))
         except VolumeError as exc:
             skipped.append(str(exc))
     if not volumes:

@@ -349,7 +349,8 @@ def test_series_that_form_no_volume_say_why() -> None:
     with pytest.raises(VolumeError, match="ImagePositionPatient: no patient geometry"):
         load_series(missing)
     no_spacing = _stack(4)
-    del no_spacing[0].PixelSpacing
+    for ds in no_spacing:
+        del ds.PixelSpacing
     with pytest.raises(VolumeError, match="PixelSpacing: no patient geometry"):
         load_series(no_spacing)
     uneven = _stack(8, step=3.0)
@@ -369,6 +370,30 @@ def test_series_that_form_no_volume_say_why() -> None:
     legacy.PixelData = np.zeros((3, 6, 7), dtype=np.uint16).tobytes()
     with pytest.raises(VolumeError, match="3 frames"):
         load_series([legacy, _instance((0.0, 0.0, 3.0))])
+
+
+def test_unreadable_instances_are_left_out_with_their_reason(tmp_path: Path) -> None:
+    """A truncated file and an instance without geometry at the end of a stack are left out,
+    each with its reason; the other slices still form the volume."""
+    stack = _stack(6)
+    paths = []
+    for n, ds in enumerate(stack):
+        ds.SOPInstanceUID = f"1.2.3.{n + 1}"
+        path = tmp_path / f"{n}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    paths[5].write_bytes(paths[5].read_bytes()[:-20])  # truncated in the pixel data
+    no_geometry = pydicom.dcmread(paths[4])
+    del no_geometry.ImageOrientationPatient
+    volumes, skipped = load_series([*paths[:4], no_geometry, paths[5]])
+    assert [v.volume.spatial_shape[0] for v in volumes] == [4]
+    assert any("ImageOrientationPatient" in why for why in skipped)
+    assert any("5.dcm unreadable" in why for why in skipped), skipped
+    with pytest.raises(VolumeError, match="no instance of the series could be read"):
+        load_series([paths[5]])
+    (tmp_path / "header-only.dcm").write_bytes(paths[0].read_bytes()[:300])
+    with pytest.raises(VolumeError, match="no instance of the series could be read"):
+        load_series([tmp_path / "header-only.dcm"])
 
 
 def test_a_bad_stack_is_skipped_and_the_good_ones_kept(studies: dict[str, Path]) -> None:

@@ -1,4 +1,4 @@
-"""What admins see and do: study lists, a study's full timeline, requeue.
+"""What admins see and do: study lists, a study's full timeline with stage timings, requeue.
 
 Functions return plain dicts in the JSON shapes of DESIGN.md, so the CLI prints them as JSON
 or as tables and tests compare them directly.
@@ -13,13 +13,18 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import reading, transaction
-from node.readiness import cancel_open_jobs, missing_roles
-from node.schema import Delivery, Event, Instance, Job, JobKind, Result, Series, Study, StudyState
+from node.jobs import cancel_open_jobs
+from node.readiness import missing_roles
+from node.schema import Delivery, Event, Instance, Job, JobKind, JobState, Result, Series, Study, StudyState
 from node.series import SeriesRole
 
 
 class UnknownStudy(LookupError):
     """No study with that StudyInstanceUID is known to the node."""
+
+
+class NothingToDeliver(LookupError):
+    """A delivery was requeued for a study that has no result yet."""
 
 
 def list_studies(sessions: sessionmaker[Session], state: StudyState | None = None) -> list[dict[str, Any]]:
@@ -77,6 +82,10 @@ def show_study(sessions: sessionmaker[Session], study_instance_uid: str) -> dict
             for s in series
         ],
         "jobs": [_job(job) for job in jobs],
+        "stages": [
+            {k: e.details.get(k) for k in ("job_id", "stage", "started_at", "ended_at", "duration_s", "ok")}
+            for e in events if e.kind == "stage"
+        ],
         "timeline": [
             {"at": _iso(e.at), "kind": e.kind, "message": e.message, "actor": e.actor, "details": e.details}
             for e in events
@@ -90,27 +99,56 @@ def show_study(sessions: sessionmaker[Session], study_instance_uid: str) -> dict
     }
 
 
-def requeue(sessions: sessionmaker[Session], study_instance_uid: str, actor: str) -> dict[str, Any]:
-    """Write a new grading job for the study as it is now, superseding any job not yet started."""
+def requeue(sessions: sessionmaker[Session], study_instance_uid: str, actor: str,
+            from_stage: JobKind = JobKind.GRADE) -> dict[str, Any]:
+    """Write a new job for the study, superseding its jobs of that kind not yet started.
+
+    From ``grade``: grade the study as it is now (a result for the same series and model is
+    kept, not duplicated). From ``deliver``: send the newest result again.
+    """
     with transaction(sessions) as session:
         study = _study(session, study_instance_uid)
         session.refresh(study, with_for_update=True)
-        count, last = session.execute(
-            select(func.count(Instance.id), func.max(Instance.id)).where(Instance.study_id == study.id)
-        ).one()
-        roles = frozenset(SeriesRole(r) for r in session.scalars(select(Series.role).where(Series.study_id == study.id)))
-        earlier = session.scalar(select(func.count(Job.id)).where(Job.study_id == study.id, Job.kind == JobKind.GRADE.value))
-        cancel_open_jobs(session, study.id, JobKind.GRADE)
-        missing = missing_roles(roles)
-        job = Job(study_id=study.id, kind=JobKind.GRADE.value, input_key=f"{count}:{last}:requeue-{(earlier or 0) + 1}",
-                  partial=bool(missing), missing_roles=missing)
+        earlier = session.scalar(select(func.count(Job.id)).where(Job.study_id == study.id, Job.kind == from_stage.value)) or 0
+        if from_stage is JobKind.DELIVER:
+            result_id = session.scalar(select(Result.id).where(Result.study_id == study.id).order_by(Result.id.desc()).limit(1))
+            if result_id is None:
+                raise NothingToDeliver(f"study {study_instance_uid} has no result to deliver; requeue it from grade")
+            cancel_open_jobs(session, study.id, JobKind.DELIVER)
+            job = Job(study_id=study.id, kind=JobKind.DELIVER.value, input_key=f"result-{result_id}-requeue-{earlier + 1}",
+                      result_id=result_id)
+            state, missing = StudyState.GRADED, []
+        else:
+            count, last = session.execute(
+                select(func.count(Instance.id), func.max(Instance.id)).where(Instance.study_id == study.id)
+            ).one()
+            roles = frozenset(SeriesRole(r) for r in session.scalars(select(Series.role).where(Series.study_id == study.id)))
+            cancel_open_jobs(session, study.id, JobKind.GRADE)
+            missing = missing_roles(roles)
+            job = Job(study_id=study.id, kind=JobKind.GRADE.value, input_key=f"{count}:{last}:requeue-{earlier + 1}",
+                      last_instance_id=last, partial=bool(missing), missing_roles=missing)
+            state = StudyState.READY
         session.add(job)
         previous = study.state
-        study.state = StudyState.READY.value
+        study.state = state.value
         session.add(Event(study_id=study.id, kind="requeued", actor=actor,
-                          message=f"requeued from {previous} by {actor}", details={"missing_roles": missing}))
+                          message=f"requeued from {previous} to {from_stage.value} by {actor}",
+                          details={"missing_roles": missing, "from_stage": from_stage.value}))
         session.flush()
         return _job(job)
+
+
+def retry_failed(sessions: sessionmaker[Session], actor: str) -> list[dict[str, Any]]:
+    """Requeue every FAILED study from the stage that failed (its newest failed job's kind)."""
+    with reading(sessions) as session:
+        failed = session.execute(
+            select(Study.study_instance_uid, Job.kind)
+            .join(Job, Job.study_id == Study.id)
+            .where(Study.state == StudyState.FAILED.value, Job.state == JobState.FAILED.value)
+            .order_by(Study.id, Job.id)
+        ).all()
+    stage = {uid: JobKind(kind) for uid, kind in failed}  # the newest failed job of each study wins
+    return [{"study_instance_uid": uid, **requeue(sessions, uid, actor, kind)} for uid, kind in stage.items()]
 
 
 def _study(session: Session, study_instance_uid: str) -> Study:

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 
-from node.admin import UnknownStudy, list_studies, requeue, show_study
+from node.admin import NothingToDeliver, UnknownStudy, list_studies, requeue, retry_failed, show_study
 from node.config import ConfigError, Settings, load_settings, reference_markdown
 from node.db import make_engine, make_sessionmaker, migrate
 from node.demo import run_demo
-from node.schema import StudyState
+from node.schema import JobKind, StudyState
 from node.logs import configure_logging
 from node.service import serve
 from node.views import make_console, print_result, print_study, studies_table
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level)
     try:
         return int(args.run(settings, args) or 0)
-    except UnknownStudy as exc:
+    except (UnknownStudy, NothingToDeliver) as exc:
         print(f"spine-node: {exc}", file=sys.stderr)
         return 1
 
@@ -48,8 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="TOML settings file (SPINE_NODE_* variables override it)")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    cmd = commands.add_parser("serve", help="receive studies over DICOM and decide when they are ready")
+    cmd = commands.add_parser("serve", help="receive studies, decide when they are ready, publish their jobs "
+                              "(and, with no broker_url, grade them in this process)")
     cmd.set_defaults(run=_serve)
+
+    cmd = commands.add_parser("worker", help="a Celery worker that grades and delivers (GPU when torch sees one)")
+    cmd.add_argument("--queues", default="grade,deliver", help="queues to consume, comma separated (default grade,deliver)")
+    cmd.add_argument("--concurrency", type=int, help="worker processes (default: one per GPU, or one on CPU)")
+    cmd.set_defaults(run=_worker)
 
     cmd = commands.add_parser("studies", help="list studies and their states")
     cmd.add_argument("--state", type=StudyState, choices=list(StudyState), help="only studies in this state")
@@ -138,9 +144,14 @@ def _parser() -> argparse.ArgumentParser:
     cmd = commands.add_parser("config", help="print the configuration reference (Markdown)")
     cmd.set_defaults(run=lambda settings, args: print(reference_markdown(), end=""))
 
-    cmd = commands.add_parser("requeue", help="grade a study again (supersedes jobs not yet started)")
+    cmd = commands.add_parser("requeue", help="grade or deliver a study again (supersedes jobs not yet started)")
     cmd.add_argument("study_instance_uid")
+    cmd.add_argument("--from-stage", type=JobKind, choices=list(JobKind), default=JobKind.GRADE, metavar="{grade,deliver}",
+                     help="grade: grade the study as it is now (default); deliver: send the newest result again")
     cmd.set_defaults(run=_requeue)
+
+    cmd = commands.add_parser("retry-failed", help="requeue every FAILED study from the stage that failed")
+    cmd.set_defaults(run=_retry_failed)
     return parser
 
 
@@ -148,7 +159,27 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    serve(settings, stop)
+    serve(settings, stop, run_job=_embedded_runner(settings))
+    return 0
+
+
+def _embedded_runner(settings: Settings) -> Any:
+    """With no broker, the worker's job runner for the node's in-process executor."""
+    if settings.broker_url:
+        return None
+    from worker.tasks import Context
+
+    return Context(settings, actor="embedded").run
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.app import run_worker
+
+    try:
+        run_worker(settings, [q for q in args.queues.split(",") if q], args.concurrency)
+    except ValueError as exc:
+        print(f"spine-node: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -156,7 +187,7 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     from models.data.phantom import generate
 
     return run_demo(lambda folder: generate(folder, studies=1, seed=0, progress=False, axial="single")[0],
-                    args.workdir, make_console())
+                    _embedded_runner, args.workdir, make_console())
 
 
 def _phantom(settings: Settings, args: argparse.Namespace) -> int:
@@ -292,8 +323,16 @@ def _show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _requeue(settings: Settings, args: argparse.Namespace) -> int:
-    job = requeue(_sessions(settings), args.study_instance_uid, actor=f"cli:{getpass.getuser()}")
-    print(f"requeued {args.study_instance_uid}: job {job['id']} written")
+    job = requeue(_sessions(settings), args.study_instance_uid, actor=f"cli:{getpass.getuser()}", from_stage=args.from_stage)
+    print(f"requeued {args.study_instance_uid} from {args.from_stage.value}: job {job['id']} written")
+    return 0
+
+
+def _retry_failed(settings: Settings, args: argparse.Namespace) -> int:
+    jobs = retry_failed(_sessions(settings), actor=f"cli:{getpass.getuser()}")
+    for job in jobs:
+        print(f"requeued {job['study_instance_uid']} from {job['kind']}: job {job['id']} written")
+    print(f"{len(jobs)} failed studies requeued")
     return 0
 
 

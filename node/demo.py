@@ -1,8 +1,9 @@
 """``spine-node demo``: the main job end to end on one machine, embedded defaults.
 
-A phantom study is generated, a node is started in this process (SQLite, no broker), the
-study is sent to it over C-STORE like a PACS would, and what the node stored and decided is
-printed. The study generator is passed in by the composition root (node never imports models).
+A phantom study is generated, a node is started in this process (SQLite, no broker: the
+grading runs in-process), the study is sent to it over C-STORE like a PACS would, and what the
+node stored, decided and graded is printed. The study generator and the job runner are passed
+in by the composition root (node never imports models or the worker).
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ from node.config import Settings, load_settings
 from node.db import make_engine, make_sessionmaker
 from node.scu import send_files
 from node.service import serve
-from node.views import print_study
+from node.views import print_result, print_study
 
 #: Makes one study under the given folder and returns the study's folder.
 StudyMaker = Callable[[Path], Path]
+#: Makes the embedded job runner for the demo's settings.
+RunnerMaker = Callable[[Settings], Callable[[int], object]]
+
+#: States a study rests in until something new happens.
+SETTLED = {"GRADED", "DELIVERED", "FAILED", "INCOMPLETE"}
 
 
-def run_demo(make_study: StudyMaker, workdir: Path, console: Console, timeout_s: float = 120.0) -> int:
-    """Run the demo in ``workdir`` (emptied first); return 0 if the study reached READY."""
+def run_demo(make_study: StudyMaker, make_runner: RunnerMaker, workdir: Path, console: Console, timeout_s: float = 300.0) -> int:
+    """Run the demo in ``workdir`` (emptied first); return 0 if the study was graded."""
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     with console.status("generating a phantom lumbar spine study"):
@@ -40,7 +46,7 @@ def run_demo(make_study: StudyMaker, workdir: Path, console: Console, timeout_s:
 
     settings = demo_settings(workdir)
     stop, started = threading.Event(), threading.Event()
-    node = threading.Thread(target=serve, args=(settings, stop, started), name="node", daemon=True)
+    node = threading.Thread(target=serve, args=(settings, stop, started, make_runner(settings)), name="node", daemon=True)
     node.start()
     try:
         if not started.wait(timeout_s):
@@ -54,13 +60,15 @@ def run_demo(make_study: StudyMaker, workdir: Path, console: Console, timeout_s:
         console.print(f"sent {len(sent)} instances, {len(refused)} refused")
         study_uid = _study_uid(files[0])
         sessions = make_sessionmaker(make_engine(settings.database_url))
-        with console.status(f"waiting {settings.quiet_period_s:.0f} s of quiet, then deciding readiness"):
-            _wait_until(lambda: show_study(sessions, study_uid)["state"] in {"READY", "INCOMPLETE"}, timeout_s)
+        with console.status(f"waiting {settings.quiet_period_s:.0f} s of quiet, then grading in this process"):
+            _wait_until(lambda: show_study(sessions, study_uid)["state"] in SETTLED, timeout_s)
         study = show_study(sessions, study_uid)
         print_study(study, console)
+        if study["result"]:
+            print_result(study["result"], console)
         console.print(f"stored files: {settings.storage_dir}\ndatabase: {settings.database_url}\n"
                       f"look again with: spine-node --config {workdir / 'demo.toml'} show {study_uid}")
-        return 0 if study["state"] == "READY" and not refused else 1
+        return 0 if study["state"] == "GRADED" and study["result"] and not refused else 1
     finally:
         stop.set()
         node.join(60)

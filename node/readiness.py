@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import IncompletePolicy, Settings
 from node.db import reading, transaction
-from node.schema import Event, Instance, Job, JobKind, JobState, Series, Study, StudyState, utcnow
+from node.jobs import cancel_open_jobs
+from node.schema import Event, Instance, Job, JobKind, Series, Study, StudyState, utcnow
 from node.series import SeriesRole
 
 LOGGER = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class Readiness:
             if exists is None:
                 cancel_open_jobs(session, pending.study_id, JobKind.GRADE)
                 session.add(Job(study_id=pending.study_id, kind=JobKind.GRADE.value, input_key=pending.input_key,
-                                partial=bool(missing), missing_roles=missing))
+                                last_instance_id=pending.last_instance_id, partial=bool(missing), missing_roles=missing))
             _set(session, pending.study_id, StudyState.READY)
             session.add(Event(study_id=pending.study_id, kind="ready", message=why,
                               details={"instances": pending.instances, "missing_roles": missing,
@@ -138,15 +139,6 @@ class Readiness:
             _set(session, pending.study_id, state)
             session.add(Event(study_id=pending.study_id, kind=kind, message=message, details=details))
         LOGGER.info("study %s %s: %s", pending.study_instance_uid, state.value, message)
-
-
-def cancel_open_jobs(session: Session, study_id: int, kind: JobKind) -> None:
-    """Mark a study's jobs of ``kind`` that no worker has started CANCELLED: a newer job supersedes them."""
-    session.execute(
-        update(Job)
-        .where(Job.study_id == study_id, Job.kind == kind.value, Job.state.in_((JobState.PENDING.value, JobState.QUEUED.value)))
-        .values(state=JobState.CANCELLED.value, finished_at=utcnow(), error="superseded by a newer job")
-    )
 
 
 def _claim(session: Session, pending: Pending) -> bool:

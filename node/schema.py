@@ -155,7 +155,8 @@ class Job(Base):
     """A unit of work for a worker (the outbox): one grading or delivery of one study.
 
     ``input_key`` names the exact input (for grading: the instances present), so the same input
-    never gets two jobs, however often the readiness check or a requeue runs.
+    never gets two jobs, however often the readiness check or a requeue runs. ``result_id`` is
+    the result a grading job produced (or found already made) and the one a delivery sends.
     """
 
     __tablename__ = "jobs"
@@ -168,10 +169,13 @@ class Job(Base):
     input_key: Mapped[str] = mapped_column(String(128))
     partial: Mapped[bool] = mapped_column(Boolean, default=False)
     missing_roles: Mapped[list[str]] = mapped_column(JSON, default=list)
+    last_instance_id: Mapped[int | None] = mapped_column(Integer)  # grading: the newest instance it covers
+    result_id: Mapped[int | None] = mapped_column(ForeignKey("results.id", ondelete="SET NULL", use_alter=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
-    worker: Mapped[str | None] = mapped_column(String(128))
+    worker: Mapped[str | None] = mapped_column(String(128))  # the lease holder: host:pid:token
     lease_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    not_before: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)  # retry backoff: not dispatched earlier
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     queued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
@@ -181,13 +185,19 @@ class Job(Base):
 
 
 class Result(Base):
-    """The grading result of one job, as the JSON document of DESIGN.md."""
+    """The grading result of one job, as the JSON document of DESIGN.md.
+
+    ``input_key`` hashes the series used (and their instances) with the model's weights, so a
+    redelivered or requeued grading of the same input finds this row instead of adding one.
+    """
 
     __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("study_id", "input_key"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    input_key: Mapped[str] = mapped_column(String(64))
     model_name: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str] = mapped_column(String(64))
     weights_sha256: Mapped[str] = mapped_column(String(64))

@@ -41,6 +41,11 @@ def print_study(study: dict[str, Any], console: Console) -> None:
             jobs.add_row(str(j["id"]), j["kind"], j["state"], ", ".join(j["missing_roles"]) or "no", _when(j["created_at"]),
                      _when(j["finished_at"]))
         console.print(jobs)
+    if study.get("stages"):
+        stages = Table("job", "stage", "started (UTC)", "seconds", "ok", title="stages")
+        for st in study["stages"]:
+            stages.add_row(str(st["job_id"]), st["stage"], _when(st["started_at"]), f"{st['duration_s']:.2f}", "yes" if st["ok"] else "no")
+        console.print(stages)
     timeline = Table("at (UTC)", "event", "by", "what", title="timeline")
     for e in study["timeline"]:
         timeline.add_row(_when(e["at"]), e["kind"], escape(e["actor"]), escape(e["message"]))

@@ -1,9 +1,10 @@
-"""One study through the models: series roles -> volumes -> detection -> extraction -> result.
+"""One study through the models: series roles -> chosen series -> volumes -> detection ->
+extraction -> grades -> result.
 
-The same pipeline serves ``spine-node grade DIR`` (offline, a folder of DICOM files) and, later,
-the worker's tasks (files from the node's store). Series roles come from ``node.series``, so a
-folder is read exactly as the node would read the same study received over the network.
-The result has the shape DESIGN.md gives.
+The same pipeline serves ``spine-node grade DIR`` (offline, a folder of DICOM files) and the
+worker's grading task (files from the node's store). Series roles come from ``node.series``, so
+a folder is read exactly as the node reads the same study received over the network. The
+result has the shape DESIGN.md gives.
 """
 
 from __future__ import annotations
@@ -17,21 +18,21 @@ from typing import Any
 
 import pydicom
 
-from models.analysis import StudyAnalysis, analyse_volumes
+from models.analysis import Stage, StudyAnalysis, analyse_volumes, no_stages
 from models.detect import Detector
 from models.extract import SAGITTAL_ROLES
 from models.grade import GraderModel
 from models.volumes import SeriesVolume, VolumeError, group_by_series, load_series
-from node.series import SeriesRole, classify_series
+from node.series import classify_series
 
 LOGGER = logging.getLogger(__name__)
-__all__ = ["Analysis", "SeriesEntry", "StudyError", "analyse", "analyse_folder", "result_json"]
+__all__ = ["Analysis", "SeriesEntry", "StudyError", "analyse", "analyse_folder", "read_series", "result_json"]
 
 GRADED_ROLES = (*SAGITTAL_ROLES, "T2_AX")
 
 
 class StudyError(ValueError):
-    """A folder or study the pipeline cannot grade; the message says why."""
+    """A folder or study the pipeline cannot grade, however often it tries; the message says why."""
 
 
 @dataclass
@@ -42,6 +43,7 @@ class SeriesEntry:
     role: str
     role_reason: str
     paths: list[Path]
+    recency: tuple[str, str, int] = ("", "", -1)  # SeriesDate, SeriesTime, SeriesNumber: newest sorts last
     used: bool = False
     volumes: list[SeriesVolume] = field(default_factory=list)
 
@@ -84,30 +86,65 @@ def read_series(paths: Iterable[Path], own_device_uid: str) -> tuple[str, list[S
         ds = pydicom.dcmread(files[0], stop_before_pixels=True)
         studies.add(str(ds.get("StudyInstanceUID", "")))
         decision = classify_series(ds, own_device_uid)
-        entries.append(SeriesEntry(uid, decision.role.value, decision.reason, files))
+        entries.append(SeriesEntry(uid, decision.role.value, decision.reason, files, _recency(ds)))
     if len(studies) > 1:
         raise StudyError(f"the files hold {len(studies)} studies; grade one study at a time")
     entries.sort(key=lambda e: (GRADED_ROLES.index(e.role) if e.role in GRADED_ROLES else len(GRADED_ROLES), e.series_instance_uid))
     return studies.pop(), entries
 
 
-def analyse(study_uid: str, series: list[SeriesEntry], detector: Detector, grader: GraderModel | None, device: str = "cpu") -> Analysis:
-    """Volumes of the graded roles, the models' analysis and, with a grader, every level's grades
-    in one batch; marks which series were used."""
+def _recency(ds: pydicom.Dataset) -> tuple[str, str, int]:
+    """Orders repeats of a role by acquisition: SeriesDate, SeriesTime, then SeriesNumber."""
+    try:
+        number = int(ds.get("SeriesNumber") or -1)
+    except (TypeError, ValueError):
+        number = -1
+    return str(ds.get("SeriesDate", "") or ""), str(ds.get("SeriesTime", "") or ""), number
+
+
+def load_chosen(series: list[SeriesEntry]) -> list[str]:
+    """Load the volumes of one series per graded role: the newest that forms a volume.
+
+    A role sent more than once (a repeated acquisition) uses its newest complete series and says
+    which; the others are left unused. Returns the warnings.
+    """
     warnings: list[str] = []
+    by_role: dict[str, list[SeriesEntry]] = {}
     for s in series:
-        if s.role == SeriesRole.OTHER.value:
-            continue
-        try:
-            s.volumes, skipped = load_series(s.paths)
-            warnings.extend(f"{s.role} series {s.series_instance_uid}: {why}" for why in skipped)
-        except VolumeError as exc:
-            warnings.append(f"{s.role} series {s.series_instance_uid} not used: {exc}")
-    study = analyse_volumes(_by_role(series), detector, device)
+        if s.role in GRADED_ROLES:
+            by_role.setdefault(s.role, []).append(s)
+    for role, entries in by_role.items():
+        entries.sort(key=lambda e: (e.recency, e.series_instance_uid), reverse=True)
+        chosen = None
+        for s in entries:
+            try:
+                s.volumes, skipped = load_series(s.paths)
+            except VolumeError as exc:
+                warnings.append(f"{role} series {s.series_instance_uid} not used: {exc}")
+                continue
+            warnings.extend(f"{role} series {s.series_instance_uid}: {why}" for why in skipped)
+            chosen = s
+            break
+        if chosen is not None and len(entries) > 1:
+            others = ", ".join(e.series_instance_uid for e in entries if e is not chosen)
+            warnings.append(f"{role} sent {len(entries)} times: using series {chosen.series_instance_uid}, the newest complete one (not {others})")
+    return warnings
+
+
+def analyse(study_uid: str, series: list[SeriesEntry], detector: Detector, grader: GraderModel | None, device: str = "cpu",
+            stage: Stage = no_stages) -> Analysis:
+    """Volumes of the chosen series, the models' analysis and, with a grader, every level's grades
+    in one batch; marks which series were used. Raises StudyError when no disc can be found."""
+    with stage("volumes"):
+        warnings = load_chosen(series)
+    study = analyse_volumes(_by_role(series), detector, device, stage)
+    if not study.discs:
+        raise StudyError("; ".join(warnings + study.warnings) or "no disc found in any sagittal series")
     used = {c.series_instance_uid for c in study.crops}
     for s in series:
         s.used = s.series_instance_uid in used
-    grades = grader.grade(study.crops, list(study.discs)) if grader else {}
+    with stage("grade"):
+        grades = grader.grade(study.crops, list(study.discs)) if grader else {}
     return Analysis(study_uid, series, study, warnings + study.warnings, detector.sha256, grades, grader.sha256 if grader else None)
 
 

@@ -1,4 +1,4 @@
-"""The demo flow (generate, serve, send, decide) with the tests' small study generator."""
+"""The demo flow (generate, serve, send, decide, grade in-process) as ``make demo`` runs it."""
 
 from __future__ import annotations
 
@@ -6,18 +6,21 @@ from pathlib import Path
 
 from rich.console import Console
 
+from models.data.phantom import generate
 from node.demo import run_demo
-from tests.support.dicomgen import make_study
+from worker.tasks import Context
 
 
-def test_demo_sends_a_study_and_shows_it_ready(tmp_path: Path) -> None:
-    def small_study(folder: Path) -> Path:
-        make_study(folder, slices=2)
-        return folder
-
-    console = Console(record=True, width=200)
-    assert run_demo(small_study, tmp_path / "demo", console, timeout_s=60) == 0
+def test_demo_sends_a_study_and_grades_it_in_process(tmp_path: Path) -> None:
+    """The phantom study is received, READY, graded by the embedded worker with every stage
+    timed, and its grades printed with the research-only marking."""
+    console = Console(record=True, width=240)
+    code = run_demo(lambda folder: generate(folder, 1, 0, progress=False, axial="single")[0],
+                    lambda settings: Context(settings, actor="embedded").run, tmp_path / "demo", console, timeout_s=240)
     shown = console.export_text()
-    assert "sent 6 instances, 0 refused" in shown
-    assert "state READY" in shown and "T2_AX" in shown and "T1_SAG" in shown
-    assert len(list((tmp_path / "demo" / "storage").rglob("*.dcm"))) == 6
+    assert code == 0, shown
+    assert "0 refused" in shown and "state GRADED" in shown
+    for stage in ("volumes", "detect", "extract", "grade", "store"):
+        assert f"{stage} " in shown
+    assert "research use only" in shown and "L5-S1" in shown
+    assert (tmp_path / "demo" / "storage").is_dir()

@@ -112,6 +112,7 @@ def test_timers_are_rebuilt_after_a_crash(node_factory: NodeFactory, database_ur
     assert not half_written.exists()
     detail = wait_for(lambda: (d := shown(node, study.study_instance_uid))["state"] == "READY" and d, 30, "READY")
     assert len(detail["jobs"]) == 1 and detail["series"][0]["instances"] == 3
+    assert [e["kind"] for e in detail["timeline"]].count("ready") == 1
 
 
 @pytest.mark.parametrize(("policy", "state"), [("grade_partial", "READY"), ("mark_incomplete", "INCOMPLETE")])

@@ -106,3 +106,23 @@ def test_the_worker_command_needs_a_broker(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "node.cli", "worker"], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "SPINE_NODE_BROKER_URL": ""}, cwd=tmp_path)
     assert result.returncode == 2 and "needs broker_url" in result.stderr
+
+
+def test_tasks_are_routed_acknowledged_late_and_time_limited() -> None:
+    """Both tasks: their queue, late acknowledgement, given back when the worker is lost, hard
+    and soft time limits, and a visibility timeout above the longest grade."""
+    from node.config import Settings
+    from worker.app import make_app, worker_argv
+
+    settings = Settings(broker_url="redis://127.0.0.1:1/0", grade_time_limit_s=100.0)
+    app, _ = make_app(settings)
+    grade, deliver = app.tasks["spine_node.grade_study"], app.tasks["spine_node.deliver"]
+    assert app.conf.task_routes == {"spine_node.grade_study": {"queue": "grade"}, "spine_node.deliver": {"queue": "deliver"}}
+    assert grade.acks_late and grade.reject_on_worker_lost and deliver.acks_late and deliver.reject_on_worker_lost
+    assert (grade.time_limit, grade.soft_time_limit) == (100.0, 90.0)
+    assert app.conf.broker_transport_options["visibility_timeout"] > grade.time_limit
+    assert app.conf.worker_prefetch_multiplier == 1
+    argv = worker_argv(settings, ["grade"], None)
+    assert argv[argv.index("--concurrency") + 1] == "1"  # no GPU here: one process
+    assert argv[argv.index("--queues") + 1] == "grade"
+    app.close()

@@ -106,6 +106,8 @@ def test_a_study_that_cannot_be_graded_fails_at_once_and_can_be_retried(node_fac
     assert shown["state"] == "FAILED"
     (job,) = shown["jobs"]
     assert job["attempts"] == 1 and "not used" in job["error"] and shown["result"] is None
+    nothing = node.cli("requeue", _uid(copy), "--from-stage", "deliver", check=False)
+    assert nothing.returncode == 1 and "no result to deliver" in nothing.stderr
     retried = node.cli("retry-failed")
     assert "1 failed studies requeued" in retried.stdout and "from grade" in retried.stdout
     wait_for(lambda: len(s := study.show()["jobs"]) == 2 and s[-1]["state"] == "FAILED", 120, "the retried job to end")

@@ -64,12 +64,12 @@ class Context:
         self._engine: Engine | None = None
         self._sessions: sessionmaker[Session] | None = None
         self._models: Models | None = None
-        self._lock = threading.Lock()
+        self._db_lock, self._models_lock = threading.Lock(), threading.Lock()  # the lease thread never waits on a model load
 
     @property
     def sessions(self) -> sessionmaker[Session]:
         """Sessions of this process's engine, made on first use (after a fork, a new one)."""
-        with self._lock:
+        with self._db_lock:
             if self._sessions is None:
                 self._engine = make_engine(self.settings.database_url)
                 self._sessions = make_sessionmaker(self._engine)
@@ -83,7 +83,7 @@ class Context:
 
     def models(self) -> Models:
         """The shipped detector and grader, loaded on the first job of this process."""
-        with self._lock:
+        with self._models_lock:
             if self._models is None:
                 from models.detect import DEFAULT_WEIGHTS, Detector
                 from models.grade import DEFAULT_GRADER, GraderModel

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from node.schema import Result
+from node.config import load_settings
+from node.dispatch import CeleryPublisher
+from node.schema import JobKind, Result
 from tests.support.services import NodeProcess, RedisServer, WorkerProcess, store, wait_for
 
 pytestmark = pytest.mark.postgres
@@ -72,6 +74,10 @@ def test_a_worker_killed_mid_grade_leaves_the_job_to_another(production: Callabl
         assert any("stopped renewing its lease" in e["message"] for e in _events(shown, "grade-retry"))
         assert _results(study) == 1
         wait_for(lambda: [j["state"] for j in study.show()["jobs"]] == ["DONE", "DONE"], 60, "the delivery job")
+        publisher = CeleryPublisher(load_settings(node.config))  # the killed worker's message, delivered again
+        publisher.publish(grade["id"], JobKind.GRADE)
+        publisher.close()
+        wait_for(lambda: f"job {grade['id']} is DONE; message dropped" in second.log.read_text(), 60, "the duplicate to be dropped")
     finally:
         second.stop()
     assert _results(study) == 1

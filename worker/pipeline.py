@@ -173,6 +173,8 @@ def result_json(analysis: Analysis) -> dict[str, Any]:
             "center": _rounded(disc.centre),
             "confidence": round(disc.confidence, 3),
             "normal": _rounded(disc.normal, 4),
+            "posterior": _rounded(disc.posterior, 4),
+            "left": _rounded(disc.left, 4),
             "depth_mm": round(disc.depth_mm, 1),
             "views": views,
             "conditions": analysis.grades.get(level, {}),

@@ -9,13 +9,14 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import reading, transaction
 from node.jobs import cancel_open_jobs
 from node.readiness import missing_roles
-from node.schema import Delivery, Event, Instance, Job, JobKind, JobState, Result, Series, Study, StudyState
+from node.schema import (Delivery, DeliveryState, Event, Instance, Job, JobKind, JobState, Result, ResultObject, Series, Study,
+                         StudyState)
 from node.series import SeriesRole
 
 
@@ -92,7 +93,7 @@ def show_study(sessions: sessionmaker[Session], study_instance_uid: str) -> dict
         ],
         "result": result.payload if result else None,
         "deliveries": [
-            {"destination": d.destination, "sop_instance_uid": d.sop_instance_uid, "state": d.state,
+            {"destination": d.destination, "via": d.via, "sop_instance_uid": d.sop_instance_uid, "state": d.state,
              "attempts": d.attempts, "last_status": d.last_status, "updated_at": _iso(d.updated_at)}
             for d in deliveries
         ],
@@ -104,7 +105,8 @@ def requeue(sessions: sessionmaker[Session], study_instance_uid: str, actor: str
     """Write a new job for the study, superseding its jobs of that kind not yet started.
 
     From ``grade``: grade the study as it is now (a result for the same series and model is
-    kept, not duplicated). From ``deliver``: send the newest result again.
+    kept, not duplicated). From ``deliver``: send the newest result's objects again, to every
+    destination, with fresh attempts (dead letters included).
     """
     with transaction(sessions) as session:
         study = _study(session, study_instance_uid)
@@ -115,6 +117,8 @@ def requeue(sessions: sessionmaker[Session], study_instance_uid: str, actor: str
             if result_id is None:
                 raise NothingToDeliver(f"study {study_instance_uid} has no result to deliver; requeue it from grade")
             cancel_open_jobs(session, study.id, JobKind.DELIVER)
+            session.execute(update(Delivery).where(Delivery.result_id == result_id).values(
+                state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=None, via=Delivery.destination))
             job = Job(study_id=study.id, kind=JobKind.DELIVER.value, input_key=f"result-{result_id}-requeue-{earlier + 1}",
                       result_id=result_id)
             state, missing = StudyState.GRADED, []
@@ -149,6 +153,15 @@ def retry_failed(sessions: sessionmaker[Session], actor: str) -> list[dict[str, 
         ).all()
     stage = {uid: JobKind(kind) for uid, kind in failed}  # the newest failed job of each study wins
     return [{"study_instance_uid": uid, **requeue(sessions, uid, actor, kind)} for uid, kind in stage.items()]
+
+
+def result_objects(sessions: sessionmaker[Session], study_instance_uid: str) -> list[dict[str, str]]:
+    """The DICOM objects of the study's newest result: kind, UIDs and path below ``storage_dir``."""
+    with reading(sessions) as session:
+        study = _study(session, study_instance_uid)
+        result_id = session.scalar(select(Result.id).where(Result.study_id == study.id).order_by(Result.id.desc()).limit(1))
+        rows = session.scalars(select(ResultObject).where(ResultObject.result_id == result_id).order_by(ResultObject.id)).all()
+    return [{"kind": r.kind, "sop_class_uid": r.sop_class_uid, "sop_instance_uid": r.sop_instance_uid, "path": r.path} for r in rows]
 
 
 def _study(session: Session, study_instance_uid: str) -> Study:

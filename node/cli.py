@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 
-from node.admin import NothingToDeliver, UnknownStudy, list_studies, requeue, retry_failed, show_study
+from node.admin import NothingToDeliver, UnknownStudy, list_studies, requeue, result_objects, retry_failed, show_study
 from node.config import ConfigError, Settings, load_settings, reference_markdown
 from node.db import make_engine, make_sessionmaker, migrate
 from node.demo import run_demo
@@ -149,6 +149,11 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--from-stage", type=JobKind, choices=list(JobKind), default=JobKind.GRADE, metavar="{grade,deliver}",
                      help="grade: grade the study as it is now (default); deliver: send the newest result again")
     cmd.set_defaults(run=_requeue)
+
+    cmd = commands.add_parser("render", help="PNGs of a study's key images and of each presentation state applied to its images")
+    cmd.add_argument("study_instance_uid")
+    cmd.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
+    cmd.set_defaults(run=_render)
 
     cmd = commands.add_parser("retry-failed", help="requeue every FAILED study from the stage that failed")
     cmd.set_defaults(run=_retry_failed)
@@ -325,6 +330,20 @@ def _show(settings: Settings, args: argparse.Namespace) -> int:
 def _requeue(settings: Settings, args: argparse.Namespace) -> int:
     job = requeue(_sessions(settings), args.study_instance_uid, actor=f"cli:{getpass.getuser()}", from_stage=args.from_stage)
     print(f"requeued {args.study_instance_uid} from {args.from_stage.value}: job {job['id']} written")
+    return 0
+
+
+def _render(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.render import render_result_objects
+
+    objects = result_objects(_sessions(settings), args.study_instance_uid)
+    if not objects:
+        print(f"spine-node: study {args.study_instance_uid} has no result objects yet", file=sys.stderr)
+        return 1
+    written = render_result_objects([settings.storage_dir / o["path"] for o in objects],
+                                    settings.storage_dir / args.study_instance_uid, args.out)
+    for path in written:
+        print(path)
     return 0
 
 

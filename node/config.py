@@ -61,13 +61,27 @@ class TLSSettings(BaseModel):
         return self
 
 
-class Destination(BaseModel):
-    """A peer that receives our result objects over C-STORE."""
+class Peer(BaseModel):
+    """A DICOM peer we send to: AE title, address, whether it wants TLS (with the ``tls``
+    settings), and whether stored instances are confirmed by C-FIND."""
 
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
     tls: bool = False
+    confirm: bool = True  # after C-STORE, check by C-FIND that the peer holds what it acknowledged
+
+    @property
+    def key(self) -> str:
+        """``AE@host:port``: how deliveries name the peer."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class Destination(Peer):
+    """A peer that receives our result objects over C-STORE, with an optional alternate that
+    takes over when the destination's attempts run out."""
+
+    alternate: Peer | None = None
 
 
 class Settings(BaseSettings):
@@ -98,7 +112,9 @@ class Settings(BaseSettings):
     grade_time_limit_s: float = Field(600.0, ge=10, description="Hard time limit of one grading task (Celery); the soft limit is 90 % of it.")
     min_free_disk_mb: int = Field(1024, ge=0, description="Refuse new instances (0xA700) when the storage disk has less free space.")
     tls: TLSSettings | None = Field(None, description="DICOM TLS for the SCP: table with cert_file, key_file, ca_file, require_client_cert (env: SPINE_NODE_TLS__CERT_FILE, ...); absent = plain TCP.")
-    destinations: list[Destination] = Field(default_factory=list, description="Where result objects are sent: list of tables with ae_title, host, port, tls.")
+    destinations: list[Destination] = Field(default_factory=list, description="Where result objects are sent: list of tables with ae_title, host, port, tls, confirm (C-FIND check, default true), and an optional alternate table (same keys).")
+    delivery_retry_s: float = Field(30.0, ge=0, description="Delay before an object's second C-STORE attempt; doubles per attempt, at most an hour.")
+    delivery_max_attempts: int = Field(10, ge=1, le=1000, description="C-STORE attempts per object at a destination (then at its alternate) before it is dead-lettered.")
     device_uid: str = Field(DEFAULT_DEVICE_UID, pattern=r"^[0-2](\.(0|[1-9][0-9]*))+$", max_length=64, description="Our device UID, stamped on our result objects so we never take them as inputs.")
     uid_root: str = Field("2.25", pattern=r"^[0-2](\.(0|[1-9][0-9]*))*$", max_length=40, description="UID root for the objects we create.")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Python logging level.")

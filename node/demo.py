@@ -61,13 +61,14 @@ def run_demo(make_study: StudyMaker, make_runner: RunnerMaker, workdir: Path, co
         study_uid = _study_uid(files[0])
         sessions = make_sessionmaker(make_engine(settings.database_url))
         with console.status(f"waiting {settings.quiet_period_s:.0f} s of quiet, then grading in this process"):
-            _wait_until(lambda: show_study(sessions, study_uid)["state"] in SETTLED, timeout_s)
+            _wait_until(lambda: _settled(show_study(sessions, study_uid)), timeout_s)
         study = show_study(sessions, study_uid)
         print_study(study, console)
         if study["result"]:
             print_result(study["result"], console)
         console.print(f"stored files: {settings.storage_dir}\ndatabase: {settings.database_url}\n"
-                      f"look again with: spine-node --config {workdir / 'demo.toml'} show {study_uid}")
+                      f"look again with: spine-node --config {workdir / 'demo.toml'} show {study_uid}\n"
+                      f"see what a radiologist sees: spine-node --config {workdir / 'demo.toml'} render {study_uid} --out {workdir / 'png'}")
         return 0 if study["state"] == "GRADED" and study["result"] and not refused else 1
     finally:
         stop.set()
@@ -90,6 +91,13 @@ def demo_settings(workdir: Path) -> Settings:
     }
     (workdir / "demo.toml").write_text("".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in values.items()))
     return load_settings(workdir / "demo.toml")
+
+
+def _settled(study: dict[str, object]) -> bool:
+    """The study rests and none of its jobs is waiting or running (so the timeline is complete)."""
+    jobs = study["jobs"]
+    assert isinstance(jobs, list)
+    return study["state"] in SETTLED and all(j["state"] in {"DONE", "FAILED", "CANCELLED"} for j in jobs)
 
 
 def _wait_until(condition: Callable[[], bool], timeout_s: float) -> None:

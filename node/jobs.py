@@ -174,6 +174,15 @@ def _give_up_or_retry(session: Session, job: Job, error: str, permanent: bool, p
     return JobState.PENDING
 
 
+def reschedule(session: Session, job: Job, when: dt.datetime, message: str, actor: str) -> None:
+    """Put a held job back to PENDING until ``when`` without counting a failed attempt (a
+    delivery waiting for its objects' next C-STORE attempt), inside the caller's transaction."""
+    job.state, job.not_before, job.worker, job.lease_until = JobState.PENDING.value, when, None, None
+    job.attempts = max(job.attempts - 1, 0)
+    session.add(Event(study_id=job.study_id, kind=f"{job.kind}-waiting", actor=actor, message=message,
+                      details={"job_id": job.id, "not_before": when.isoformat()}))
+
+
 def reap(sessions: sessionmaker[Session], policy: JobPolicy) -> int:
     """Return RUNNING jobs whose lease expired (their worker vanished) and QUEUED jobs nobody took.
 

@@ -205,8 +205,32 @@ class Result(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class ResultObject(Base):
+    """One DICOM object made from a result (SR, its Comprehensive SR twin, presentation state,
+    key image), stored under ``storage_dir/results``; deliveries send these files."""
+
+    __tablename__ = "result_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # SR, SR-2D (fallback twin), PR, SC
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    path: Mapped[str] = mapped_column(String(512))  # relative to storage_dir
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class DeliveryState(str, enum.Enum):
+    """One object at one destination: waiting (maybe after a backoff), stored there, or given up."""
+
+    PENDING = "PENDING"
+    SENT = "SENT"
+    DEAD = "DEAD"  # attempts used up at the destination and its alternate: the dead letter
+
+
 class Delivery(Base):
-    """One result object sent (or to be sent) to one destination."""
+    """One result object sent (or to be sent) to one destination (``via``: the peer in use now,
+    the destination or, after its attempts ran out, its alternate)."""
 
     __tablename__ = "deliveries"
     __table_args__ = (UniqueConstraint("result_id", "destination", "sop_instance_uid"),)
@@ -215,6 +239,7 @@ class Delivery(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"))
     destination: Mapped[str] = mapped_column(String(128))  # AE@host:port
+    via: Mapped[str | None] = mapped_column(String(128))
     sop_instance_uid: Mapped[str] = mapped_column(UID)
     state: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)

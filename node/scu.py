@@ -1,4 +1,4 @@
-"""Sending instances over C-STORE (the demo's sending PACS today; result delivery later).
+"""Sending instances over C-STORE: the demo's sending PACS, and result delivery.
 
 Every instance's status is checked and returned: a sender must know what did not arrive.
 """
@@ -11,9 +11,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import Dataset
 from pydicom.filereader import read_file_meta_info
+from pynetdicom.association import Association
 from pynetdicom import AE, _config
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as StudyRootFind  # type: ignore[attr-defined]
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from node.config import Settings
 
 #: Send each file's dataset bytes as stored (no decode and re-encode on the way out).
 _config.STORE_SEND_CHUNKED_DATASET = True
@@ -48,27 +53,63 @@ def send_files(
 ) -> list[Sent]:
     """C-STORE every file over one association, proposing each file's SOP class and syntax."""
     files = list(paths)
-    ae = AE(ae_title=calling_ae_title)
-    ae.maximum_pdu_size = 0
-    for sop_class, syntax in sorted({_context_of(path) for path in files}):
-        ae.add_requested_context(sop_class, syntax)
-    tls = (ssl_context, host) if ssl_context else None
-    assoc = ae.associate(host, port, ae_title=called_ae_title, tls_args=tls)
-    if not assoc.is_established:
-        raise AssociationFailed(f"association with {called_ae_title}@{host}:{port} failed"
-                                f" ({'rejected' if assoc.is_rejected else 'aborted or unreachable'})")
-    if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    assoc = associate(host, port, called_ae_title, calling_ae_title, {context_of(path) for path in files}, ssl_context)
     results = []
     try:
         for path in files:
-            result = _send_one(assoc, path)
+            result = send_one(assoc, path)
             results.append(result)
             if on_sent is not None:
                 on_sent(result)
     finally:
         assoc.release()
     return results
+
+
+def associate(host: str, port: int, called_ae_title: str, calling_ae_title: str, contexts: Iterable[tuple[str, str]],
+              ssl_context: ssl.SSLContext | None = None) -> Association:
+    """An established association proposing ``contexts`` (SOP class, transfer syntax), or AssociationFailed."""
+    ae = AE(ae_title=calling_ae_title)
+    ae.maximum_pdu_size = 0
+    for sop_class, syntax in sorted(set(contexts)):
+        ae.add_requested_context(sop_class, syntax)
+    tls = (ssl_context, host) if ssl_context else None
+    try:
+        assoc = ae.associate(host, port, ae_title=called_ae_title, tls_args=tls)
+    except (OSError, ssl.SSLError) as exc:
+        raise AssociationFailed(f"association with {called_ae_title}@{host}:{port} failed ({exc})") from exc
+    if not assoc.is_established:
+        raise AssociationFailed(f"association with {called_ae_title}@{host}:{port} failed"
+                                f" ({'rejected' if assoc.is_rejected else 'aborted or unreachable'})")
+    if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return assoc
+
+
+def held_by_peer(assoc: Association, study_instance_uid: str, sop_instance_uids: Iterable[str]) -> set[str] | None:
+    """Which of the instances the peer now holds, by C-FIND at IMAGE level (Study Root); None when
+    the peer accepted no C-FIND context. A status 0x0000 alone does not prove storage: some PACS
+    answer success for instances they discard."""
+    if not any(str(cx.abstract_syntax) == StudyRootFind for cx in assoc.accepted_contexts):
+        return None
+    held = set()
+    for uid in sop_instance_uids:
+        query = Dataset()
+        query.QueryRetrieveLevel, query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = "IMAGE", study_instance_uid, "", uid
+        for status, identifier in assoc.send_c_find(query, StudyRootFind):
+            if "Status" in status and int(status.Status) in (0xFF00, 0xFF01) and identifier is not None:
+                held.add(str(identifier.get("SOPInstanceUID", "")))
+    return held
+
+
+def client_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """TLS for sending: the peer is verified against ``tls.ca_file`` (else the system CAs), and
+    our certificate is offered for peers that ask for one."""
+    if settings.tls is None:
+        raise ValueError("a destination asks for TLS but the tls settings (cert_file, key_file, ca_file) are missing")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.tls.ca_file)
+    context.load_cert_chain(settings.tls.cert_file, settings.tls.key_file)
+    return context
 
 
 def echo(host: str, port: int, called_ae_title: str, calling_ae_title: str = "SPINENODE",
@@ -86,9 +127,10 @@ def echo(host: str, port: int, called_ae_title: str, calling_ae_title: str = "SP
         assoc.release()
 
 
-def _send_one(assoc: object, path: Path) -> Sent:
+def send_one(assoc: Association, path: Path) -> Sent:
+    """C-STORE one file on an open association; the peer's status, or why there is none."""
     try:
-        status = assoc.send_c_store(path)  # type: ignore[attr-defined]
+        status = assoc.send_c_store(path)
     except (ValueError, AttributeError, OSError) as exc:
         return Sent(path, None, str(exc))
     if "Status" not in status:
@@ -96,6 +138,7 @@ def _send_one(assoc: object, path: Path) -> Sent:
     return Sent(path, int(status.Status), str(status.get("ErrorComment", "")) or None)
 
 
-def _context_of(path: Path) -> tuple[str, str]:
+def context_of(path: Path) -> tuple[str, str]:
+    """The file's SOP class and transfer syntax, from its meta header."""
     meta = read_file_meta_info(path)
     return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)

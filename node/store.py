@@ -192,7 +192,7 @@ class InstanceStore:
         writers anyway).
         """
         for directory in {p.directory for p in batch}:
-            _fsync_dir(directory)
+            fsync_dir(directory)
         learned: dict[str, tuple[int, int]] = {}
         with self.engine.begin() as conn:
             unplaced = [p.ids.sop_instance_uid for p in batch if p.known is None]
@@ -361,10 +361,11 @@ def _make_dirs_durably(directory: Path) -> None:
         directory.mkdir()
     except FileExistsError:
         return
-    _fsync_dir(directory.parent)
+    fsync_dir(directory.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a directory's new or renamed entries durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -46,6 +46,12 @@ def print_study(study: dict[str, Any], console: Console) -> None:
         for st in study["stages"]:
             stages.add_row(str(st["job_id"]), st["stage"], _when(st["started_at"]), f"{st['duration_s']:.2f}", "yes" if st["ok"] else "no")
         console.print(stages)
+    if study.get("deliveries"):
+        deliveries = Table("object", "destination", "via", "state", "attempts", "last status", title="deliveries")
+        for d in study["deliveries"]:
+            deliveries.add_row(d["sop_instance_uid"], escape(d["destination"]), escape(d["via"] or ""), d["state"],
+                               str(d["attempts"]), escape(d["last_status"] or ""))
+        console.print(deliveries)
     timeline = Table("at (UTC)", "event", "by", "what", title="timeline")
     for e in study["timeline"]:
         timeline.add_row(_when(e["at"]), e["kind"], escape(e["actor"]), escape(e["message"]))

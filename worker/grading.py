@@ -1,5 +1,6 @@
 """The grading job: a claimed study's instances from the database and the store, the pipeline
-with each stage on the study's timeline, then the result and the job that delivers it."""
+with each stage on the study's timeline, the DICOM objects, then the result and the job that
+delivers it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import reading, transaction
 from node.jobs import Claim, complete, hold, set_study_state
-from node.schema import Event, Instance, Job, JobKind, Result, StudyState, utcnow
+from node.schema import Event, Instance, Job, JobKind, Result, ResultObject, StudyState, utcnow
+from worker.objects import SavedObject, make_objects
 from worker.pipeline import Analysis, StudyError, analyse, read_series, result_json
 
 if TYPE_CHECKING:
@@ -65,10 +67,15 @@ def grade_study(ctx: Context, held: Claim) -> None:
         if study_uid != held.study_instance_uid:
             raise StudyError(f"stored files hold study {study_uid}, not {held.study_instance_uid}")
         analysis = analyse(study_uid, series, models.detector, models.grader, models.device, timeline)
-    if held.missing_roles:
-        analysis.warnings.insert(0, f"graded at the study timeout without {', '.join(held.missing_roles)}")
+        if held.missing_roles:
+            analysis.warnings.insert(0, f"graded at the study timeout without {', '.join(held.missing_roles)}")
+        payload, key = result_json(analysis), result_key(analysis)
+        objects: list[SavedObject] = []
+        if _result_for(ctx.sessions, held, key) is None:
+            with timeline("report"):
+                objects = make_objects(ctx.settings, ctx.storage, ctx.sessions, held.study_id, payload, series)
     with timeline("store"):
-        store_result(ctx.sessions, held, analysis, ctx.actor)
+        store_result(ctx.sessions, held, analysis, key, objects, ctx.actor)
 
 
 def _instance_paths(sessions: sessionmaker[Session], held: Claim) -> list[str]:
@@ -90,11 +97,17 @@ def result_key(analysis: Analysis) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def store_result(sessions: sessionmaker[Session], held: Claim, analysis: Analysis, actor: str) -> int:
-    """Write the result and its delivery job in one transaction, or find the result this input
-    already has (a redelivered or requeued job), and finish the job; returns the result's id."""
+def _result_for(sessions: sessionmaker[Session], held: Claim, key: str) -> int | None:
+    """The result this study already has for this input, if any."""
+    with reading(sessions) as session:
+        return session.scalar(select(Result.id).where(Result.study_id == held.study_id, Result.input_key == key))
+
+
+def store_result(sessions: sessionmaker[Session], held: Claim, analysis: Analysis, key: str, objects: list[SavedObject],
+                 actor: str) -> int:
+    """Write the result, its objects and its delivery job in one transaction, or find the result
+    this input already has (a redelivered or requeued job), and finish the job; returns its id."""
     payload = result_json(analysis)
-    key = result_key(analysis)
     with transaction(sessions) as session:
         job = hold(session, held)
         result_id = session.scalar(select(Result.id).where(Result.study_id == held.study_id, Result.input_key == key))
@@ -105,6 +118,8 @@ def store_result(sessions: sessionmaker[Session], held: Claim, analysis: Analysi
             session.add(result)
             session.flush()
             result_id = result.id
+            session.add_all(ResultObject(result_id=result_id, kind=o.kind, sop_class_uid=o.sop_class_uid,
+                                         sop_instance_uid=o.sop_instance_uid, path=o.path) for o in objects)
             session.add(Job(study_id=held.study_id, kind=JobKind.DELIVER.value, input_key=f"result-{result_id}", result_id=result_id))
             message = f"{len(analysis.grades)} levels graded, {len(analysis.warnings)} warnings; delivery queued"
         else:

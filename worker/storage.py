@@ -1,5 +1,6 @@
-"""Where a worker reads a study's instances: one small interface, so that an object store can
-replace the shared volume the node writes to without touching the pipeline."""
+"""Where a worker reads a study's instances and writes the result objects: one small interface,
+so that an object store can replace the shared volume the node writes to without touching the
+pipeline."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
+
+from node.store import INCOMING, fsync_dir, write_durably
 
 
 class StorageUnavailable(OSError):
@@ -21,6 +24,10 @@ class InstanceStorage(Protocol):
         download them to a temporary folder and delete it afterwards)."""
         ...
 
+    def save(self, relative_path: str, data: bytes) -> None:
+        """Store ``data`` durably at ``relative_path`` (written, fsynced, renamed into place)."""
+        ...
+
 
 class SharedVolume:
     """The node's ``storage_dir``, seen by the worker on the same disk or a shared mount."""
@@ -33,3 +40,10 @@ class SharedVolume:
         if not self.root.is_dir():
             raise StorageUnavailable(f"storage_dir {self.root} is not there (is the shared volume mounted?)")
         yield [self.root / p for p in relative_paths]
+
+    def save(self, relative_path: str, data: bytes) -> None:
+        path = self.root / relative_path
+        incoming = self.root / INCOMING
+        incoming.mkdir(parents=True, exist_ok=True)
+        write_durably(path, data, incoming)
+        fsync_dir(path.parent)

@@ -19,7 +19,7 @@ from node.db import make_engine, make_sessionmaker
 from node.jobs import Claim, JobPolicy, LeaseLost, claim, fail, renew
 from node.schema import JobKind
 from models.volumes import VolumeError
-from worker.delivery import DeliveryUnavailable, deliver_result
+from worker.delivery import NothingToSend, deliver_result
 from worker.grading import grade_study
 from worker.pipeline import StudyError
 from worker.storage import SharedVolume
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 #: Errors that another attempt cannot fix: the job fails at once, with the reason.
-PERMANENT = (StudyError, VolumeError, DeliveryUnavailable)
+PERMANENT = (StudyError, VolumeError, NothingToSend)
 
 
 @dataclass(frozen=True)

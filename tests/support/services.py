@@ -190,13 +190,17 @@ class NodeProcess:
 
 
 def toml_text(values: dict[str, Any]) -> str:
-    """Enough TOML for our test and benchmark configs (scalars, lists of tables, nested tables)."""
+    """Enough TOML for our test and benchmark configs (scalars, tables, lists of tables with sub-tables)."""
     lines, tables = [], []
     for key, value in values.items():
         if isinstance(value, dict):
             tables.append(f"[{key}]\n" + "".join(f"{k} = {_scalar(v)}\n" for k, v in value.items()))
         elif isinstance(value, list) and value and isinstance(value[0], dict):
-            tables.extend(f"[[{key}]]\n" + "".join(f"{k} = {_scalar(v)}\n" for k, v in item.items()) for item in value)
+            for item in value:
+                scalars = {k: v for k, v in item.items() if not isinstance(v, dict)}
+                tables.append(f"[[{key}]]\n" + "".join(f"{k} = {_scalar(v)}\n" for k, v in scalars.items())
+                              + "".join(f"[{key}.{k}]\n" + "".join(f"{kk} = {_scalar(vv)}\n" for kk, vv in v.items())
+                                        for k, v in item.items() if isinstance(v, dict)))
         else:
             lines.append(f"{key} = {_scalar(value)}")
     return "\n".join(lines) + "\n\n" + "\n".join(tables)

@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import numpy as np
-import pydicom
 import pytest
 
 from models.data.pathology import CONDITIONS, LEVELS
-from models.detect import DEFAULT_WEIGHTS, Detector
-from models.grade import DEFAULT_GRADER, GraderModel
-from node.config import DEFAULT_DEVICE_UID
+from tests.worker.conftest import Graded
 from worker.anchors import find_anchors
-from worker.pipeline import analyse_folder, result_json
 
 
-@pytest.fixture(scope="module")
-def graded(phantom_study: Path) -> tuple[dict[str, Any], dict[str, list[pydicom.Dataset]]]:
-    result = result_json(analyse_folder(phantom_study, Detector.load(DEFAULT_WEIGHTS), GraderModel.load(DEFAULT_GRADER),
-                                        DEFAULT_DEVICE_UID))
-    datasets: dict[str, list[pydicom.Dataset]] = {}
-    for path in phantom_study.rglob("*.dcm"):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        datasets.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
-    return result, datasets
-
-
-def test_every_grade_has_an_anchor_on_the_expected_view(graded: tuple[dict[str, Any], dict[str, list[pydicom.Dataset]]]) -> None:
+def test_every_grade_has_an_anchor_on_the_expected_view(graded: Graded) -> None:
     """Canal on the sagittal T2, foramina on the sagittal T1 (left on a slice further to the
     patient's left), subarticular zones on the axial T2; points inside their image, on a plane
     within 3 mm, the canal point just behind the disc's box."""
-    result, datasets = graded
+    result, datasets = graded.result, graded.headers
     anchors = find_anchors(result, datasets)
     assert set(anchors) == {(lv, c) for lv in LEVELS for c in CONDITIONS}
     for level in LEVELS:
@@ -53,8 +35,8 @@ def test_every_grade_has_an_anchor_on_the_expected_view(graded: tuple[dict[str, 
 
 
 def test_without_an_axial_series_subarticular_grades_fall_back_to_the_sagittal(
-        graded: tuple[dict[str, Any], dict[str, list[pydicom.Dataset]]]) -> None:
-    result, datasets = graded
+        graded: Graded) -> None:
+    result, datasets = graded.result, graded.headers
     no_axial = {**result, "series": [s for s in result["series"] if s["role"] != "T2_AX"]}
     anchors = find_anchors(no_axial, datasets)
     assert {anchors[(lv, "left_subarticular_stenosis")].role for lv in LEVELS} == {"T2_SAG"}

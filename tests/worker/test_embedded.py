@@ -14,10 +14,10 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from models.data.pathology import CONDITIONS, LEVELS
-from node.schema import Result
+from node.schema import Result, ResultObject
 from tests.support.services import NodeProcess, store, wait_for
 
-STAGES = ["series", "models", "read", "volumes", "detect", "extract", "grade", "store"]
+STAGES = ["series", "models", "read", "volumes", "detect", "extract", "grade", "report", "store"]
 
 
 def _series_folder(study: Path, role: str) -> Path:
@@ -52,6 +52,7 @@ def test_a_study_is_graded_once_with_every_stage_timed(node_factory: Callable[..
     shown = study.wait_state("GRADED", "FAILED")
     assert shown["state"] == "GRADED", shown["timeline"]
     wait_for(lambda: [j["state"] for j in study.show()["jobs"]] == ["DONE", "DONE"], 30, "the delivery job")
+    shown = study.show()  # the store stage is recorded once its transaction has committed
     result = shown["result"]
     assert result["not_for_diagnostic_use"] is True and set(result["levels"]) == set(LEVELS)
     assert all(set(lv["conditions"]) == set(CONDITIONS) for lv in result["levels"].values())
@@ -70,6 +71,29 @@ def test_a_study_is_graded_once_with_every_stage_timed(node_factory: Callable[..
     wait_for(lambda: [j["kind"] for j in study.show()["jobs"] if j["state"] == "DONE"].count("deliver") == 2, 60, "the redelivery")
     shown_text = node.cli("show", _uid(phantom_study)).stdout
     assert "stages" in shown_text and "detect" in shown_text
+
+
+def test_the_result_objects_are_stored_and_rendered(node_factory: Callable[..., NodeProcess], sqlite_url: str,
+                                                    phantom_study: Path, tmp_path: Path, watch: Any) -> None:
+    """Grading writes the SR, its Comprehensive SR twin, presentation states and key images to the
+    store; ``spine-node render`` turns the key images and each presentation state on its images
+    into PNGs."""
+    node = node_factory(sqlite_url, broker_url="", quiet_period_s=0.5)
+    assert _send(node.port, phantom_study) == 0
+    study = watch(sqlite_url, _uid(phantom_study))
+    assert study.wait_state("GRADED", "FAILED")["state"] == "GRADED"
+    with study.sessions() as session:
+        objects = session.execute(select(ResultObject.kind, ResultObject.path)).all()
+    kinds = sorted({kind for kind, _ in objects})
+    assert kinds == ["PR", "SC", "SR", "SR-2D"]
+    assert all((node.workdir / "storage" / path).is_file() for _, path in objects)
+    out = tmp_path / "png"
+    rendered = node.cli("render", _uid(phantom_study), "--out", str(out)).stdout.split()
+    names = [Path(p).name for p in rendered]
+    assert sum(n.startswith("SC_") for n in names) == sum(k == "SC" for k, _ in objects)
+    assert any(n.startswith("PR_") for n in names) and all(Path(p).stat().st_size > 1000 for p in rendered)
+    missing = node.cli("render", "1.2.3.4", "--out", str(out), check=False)
+    assert missing.returncode == 1 and "no study 1.2.3.4" in missing.stderr
 
 
 def test_a_corrupt_axial_series_is_graded_from_what_is_usable(node_factory: Callable[..., NodeProcess], sqlite_url: str,

@@ -4,21 +4,18 @@ ports, an optional Lua filter, and its REST API to look at what arrived."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.support.services import DCMTK_ENV, echo, free_port, wait_for
+from tests.support.services import DCMTK_ENV, ChildProcess, echo, free_port, wait_for
 
 ORTHANC = "/usr/sbin/Orthanc"
 
 
-class OrthancServer:
+class OrthancServer(ChildProcess):
     """One Orthanc process; ``stop``/``start`` keep its ports and storage (a PACS that is down)."""
 
     def __init__(self, ae_title: str = "ORTHANC", lua: str | None = None, tls: tuple[Path, Path] | None = None) -> None:
@@ -43,21 +40,16 @@ class OrthancServer:
             config["LuaScripts"] = [str(self.dir / "filter.lua")]
         self.config = self.dir / "orthanc.json"
         self.config.write_text(json.dumps(config, indent=2))
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OrthancServer:
-        with open(self.dir / "orthanc.log", "ab") as log:
-            self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV,
-                                         cwd=self.dir, start_new_session=True)
+        self.spawn([ORTHANC, str(self.config)], self.dir / "orthanc.log", env=DCMTK_ENV, cwd=self.dir)
         wait_for(lambda: echo(self.port, called=self.ae_title, extra=self.echo_extra).returncode == 0, 60,
                  "Orthanc to answer C-ECHO")
         return self
 
     def stop(self) -> None:
-        if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
-            self.proc = None
+        """Orthanc gone at once, as a PACS that is down."""
+        self.kill()
 
     def close(self) -> None:
         self.stop()

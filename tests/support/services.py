@@ -126,7 +126,34 @@ def dataset_bytes(path: Path) -> bytes:
     return data[132 + 12 + int(read_file_meta_info(path).FileMetaInformationGroupLength):]
 
 
-class NodeProcess:
+class ChildProcess:
+    """A child process in its own session, logging to a file: ``kill`` ends its whole group (a
+    crash), ``terminate`` asks it to stop and waits."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def spawn(self, argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group, as a crash would."""
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+            self.proc = None
+
+    def terminate(self) -> int:
+        """SIGTERM and wait; returns the exit code (0 if it was not running)."""
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(60)
+        self.proc = None
+        return code
+
+
+class NodeProcess(ChildProcess):
     """``spine-node serve`` as a real process with a TOML config written for the test."""
 
     def __init__(self, workdir: Path, database_url: str, echo_as: str = "ECHOSCU",
@@ -147,7 +174,6 @@ class NodeProcess:
         self.config = workdir / "spine-node.toml"
         self.config.write_text(toml_text(self.settings))
         self.log = workdir / "node.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run another ``spine-node`` subcommand against this node's config."""
@@ -159,10 +185,7 @@ class NodeProcess:
 
     def start(self) -> NodeProcess:
         """Start serving and wait until C-ECHO succeeds."""
-        log = open(self.log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--config", str(self.config), "serve"],
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        self.spawn([sys.executable, "-m", "node.cli", "--config", str(self.config), "serve"], self.log)
 
         def answering() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
@@ -174,19 +197,7 @@ class NodeProcess:
 
     def stop(self) -> int:
         """SIGTERM and wait; returns the exit code."""
-        if self.proc is None:
-            return 0
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(60)
-        self.proc = None
-        return code
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (receivers included), as a crash would."""
-        if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
-            self.proc = None
+        return self.terminate()
 
 
 def toml_text(values: dict[str, Any]) -> str:
@@ -252,29 +263,17 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class WorkerProcess:
-    """``spine-node worker`` (a real Celery worker) against a node's config file."""
+class WorkerProcess(ChildProcess):
+    """``spine-node worker`` (a real Celery worker) against a node's config file; ``kill`` takes
+    its pool processes too, as a crashed host would; ``stop`` is Celery's warm shutdown."""
 
     def __init__(self, config: Path, log: Path) -> None:
         self.config, self.log = config, log
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--config", str(self.config), "worker",
-                                          "--concurrency", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.spawn([sys.executable, "-m", "node.cli", "--config", str(self.config), "worker", "--concurrency", "1"], self.log)
         return self
-
-    def kill(self) -> None:
-        """SIGKILL the worker and its pool processes, as a crashed host would."""
-        if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
-            self.proc = None
 
     def stop(self) -> None:
         """Warm shutdown (SIGTERM): the running task finishes first."""
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(60)
-            self.proc = None
+        self.terminate()

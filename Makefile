@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps demo test bench-ingest bench-pipeline clean
+.PHONY: install system-deps demo test bench-ingest bench-pipeline bench-latency clean
 
 install: $(STAMP)
 
@@ -30,6 +30,9 @@ bench-ingest: install system-deps
 
 bench-pipeline: install
 	$(BIN)/python -m bench.pipeline
+
+bench-latency: install system-deps
+	$(BIN)/python -m bench.study_latency
 
 clean:
 	rm -rf $(VENV) var demo-out bench/out

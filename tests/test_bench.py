@@ -30,3 +30,21 @@ def test_pipeline_benchmark_smoke_run(tmp_path: Path) -> None:
     assert result.returncode in (0, 1), result.stdout + result.stderr  # 1: goal missed, still a valid run
     rows = json.loads(out.read_text())["results"]
     assert len(rows) == 1 and all(rows[0][k] > 0 for k in ("volumes", "detect", "extract", "grade", "grade_paper", "decode_only"))
+
+
+def test_study_latency_benchmark_smoke_run(tmp_path: Path) -> None:
+    """The latency benchmark runs a node, grades a warm-up, one timed study and a queue of two, and writes its JSON."""
+    root = Path(__file__).parents[1]
+    out = tmp_path / "latency.json"
+    result = subprocess.run([sys.executable, "-m", "bench.study_latency", "--runs", "1", "--queue", "2", "--json", str(out)],
+                            cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode in (0, 1), result.stdout + result.stderr  # 1: goal missed, still a valid run
+    written = json.loads(out.read_text())
+    latency, queue = written["latency"], written["queue"]
+    assert len(latency["runs"]) == 1 and len(queue["runs"]) == 2 and queue["studies"] == 2
+    assert all(latency[row][k] > 0 for row in ("median", "cold") for k in (
+        "quiet_wait", "dispatch", "detect", "extract", "grade", "store", "ready_to_result", "ack_to_result", "beyond_quiet",
+        "offline", "vs_offline"))
+    assert latency["cold"]["models"] > 0 and latency["median"]["quiet_wait"] >= written["quiet_period_s"]
+    assert all(queue[k] > 0 for k in ("send_s", "seconds", "studies_per_min", "ack_to_result_median_s", "ack_to_result_max_s",
+                                      "offline_studies_per_min", "vs_offline"))

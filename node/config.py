@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, Field, FilePath, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -26,6 +26,17 @@ DEFAULT_DEVICE_UID = "2.25.275007925420094128946313392911826340931"
 
 class ConfigError(ValueError):
     """Start-up configuration is invalid; the message names the offending key."""
+
+
+class LogFormat(str, enum.Enum):
+    """How log lines are written."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
+#: Study states retention can name (the values of node.schema.StudyState).
+StudyStateName = Literal["RECEIVING", "READY", "INCOMPLETE", "GRADING", "GRADED", "DELIVERED", "FAILED"]
 
 
 class IncompletePolicy(str, enum.Enum):
@@ -118,6 +129,10 @@ class Settings(BaseSettings):
     device_uid: str = Field(DEFAULT_DEVICE_UID, pattern=r"^[0-2](\.(0|[1-9][0-9]*))+$", max_length=64, description="Our device UID, stamped on our result objects so we never take them as inputs.")
     uid_root: str = Field("2.25", pattern=r"^[0-2](\.(0|[1-9][0-9]*))*$", max_length=40, description="UID root for the objects we create.")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Python logging level.")
+    log_format: LogFormat = Field(LogFormat.TEXT, description="Log lines as text for people, or one JSON object per line for log collectors.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="HTTP port of the node's /metrics (Prometheus) and /healthz; 0 turns it off.")
+    worker_metrics_port: int = Field(0, ge=0, le=65535, description="HTTP port of a worker's /metrics and /healthz; 0 turns it off.")
+    retention_days: dict[StudyStateName, float] = Field(default_factory=dict, description="Days to keep a study's files and rows after its last change, per state (e.g. DELIVERED = 30); a state not listed is kept forever, and a study whose results are not delivered is never purged.")
 
     @field_validator("storage_dir")
     @classmethod

@@ -98,3 +98,15 @@ def test_tls_settings_are_checked_at_start(tmp_path: Path, tls: dict[str, object
     with pytest.raises(ConfigError, match=message):
         load_settings(tls=values)
 
+
+
+def test_retention_names_exactly_the_study_states() -> None:
+    """The states retention accepts are the schema's, and an unknown one is refused by name."""
+    import typing
+
+    from node.config import StudyStateName
+    from node.schema import StudyState
+
+    assert set(typing.get_args(StudyStateName)) == {s.value for s in StudyState}
+    with pytest.raises(ConfigError, match="retention_days"):
+        load_settings(retention_days={"ARCHIVED": 3})

@@ -20,7 +20,7 @@ from typing import Any
 from node.admin import NothingToDeliver, UnknownStudy, list_studies, requeue, result_objects, retry_failed, show_study
 from node.config import ConfigError, Settings, load_settings, reference_markdown
 from node.db import make_engine, make_sessionmaker, migrate
-from node.demo import run_demo
+from node.demo import DemoParts, run_demo
 from node.schema import JobKind, StudyState
 from node.logs import configure_logging
 from node.service import serve
@@ -191,8 +191,11 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
     from models.data.phantom import generate
 
-    return run_demo(lambda folder: generate(folder, studies=1, seed=0, progress=False, axial="single")[0],
-                    _embedded_runner, args.workdir, make_console())
+    from worker.render import render_result_objects
+
+    parts = DemoParts(lambda folder: generate(folder, studies=1, seed=0, progress=False, axial="single")[0],
+                      _embedded_runner, render_result_objects)
+    return run_demo(parts, args.workdir, make_console())
 
 
 def _phantom(settings: Settings, args: argparse.Namespace) -> int:

@@ -99,7 +99,7 @@ def _plan(ctx: Context, held: Claim, objects: dict[str, ResultObject], destinati
     sendable = {r.sop_instance_uid for r in objects.values() if r.kind in DELIVERED_KINDS}
     with transaction(ctx.sessions) as session:
         have = set(session.execute(select(Delivery.destination, Delivery.sop_instance_uid).where(
-            Delivery.result_id == held.result_id)).tuples())
+            Delivery.result_id == held.result_id)).all())
         for destination in destinations:
             for sop in sorted(sendable):
                 if (destination.key, sop) not in have:

@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     log_format: LogFormat = Field(LogFormat.TEXT, description="Log lines as text for people, or one JSON object per line for log collectors.")
     metrics_port: int = Field(0, ge=0, le=65535, description="HTTP port of the node's /metrics (Prometheus) and /healthz; 0 turns it off.")
     worker_metrics_port: int = Field(0, ge=0, le=65535, description="HTTP port of a worker's /metrics and /healthz; 0 turns it off.")
+    web_port: int = Field(0, ge=0, le=65535, description="HTTP port of the status page (studies, grades, key images, requeue); 0 turns it off.")
+    web_user: str = Field("admin", min_length=1, max_length=64, description="User name for the status page (HTTP Basic authentication).")
+    web_password_file: FilePath | None = Field(None, description="File holding the status page's password; the page does not start without one.")
     retention_days: dict[StudyStateName, float] = Field(default_factory=dict, description="Days to keep a study's files and rows after its last change, per state (e.g. DELIVERED = 30); a state not listed is kept forever, and a study whose results are not delivered is never purged.")
 
     @field_validator("storage_dir")

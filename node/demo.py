@@ -54,8 +54,10 @@ class LocalPacs:
         self.received: list[Dataset] = []
         ae = AE(ae_title=PACS_AE_TITLE)
         ae.supported_contexts = StoragePresentationContexts
-        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
-        self.port = int(self.server.server_address[1])
+        server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        assert server is not None  # block=False returns the running server
+        self.server = server
+        self.port = int(server.server_address[1])
 
     def _store(self, event: Event) -> int:
         ds = event.dataset

@@ -143,6 +143,12 @@ class Settings(BaseSettings):
         return value.expanduser()
 
     @model_validator(mode="after")
+    def _web_page_needs_a_password(self) -> "Settings":
+        if self.web_port and self.web_password_file is None:
+            raise ValueError("web_port needs web_password_file (the status page is never served without a password)")
+        return self
+
+    @model_validator(mode="after")
     def _study_timeout_after_quiet(self) -> "Settings":
         if self.study_timeout_s < self.quiet_period_s:
             raise ValueError("study_timeout_s must not be shorter than quiet_period_s")

@@ -110,3 +110,8 @@ def test_retention_names_exactly_the_study_states() -> None:
     assert set(typing.get_args(StudyStateName)) == {s.value for s in StudyState}
     with pytest.raises(ConfigError, match="retention_days"):
         load_settings(retention_days={"ARCHIVED": 3})
+
+
+def test_the_status_page_needs_a_password_file() -> None:
+    with pytest.raises(ConfigError, match="web_port needs web_password_file"):
+        load_settings(web_port=8080)

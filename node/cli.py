@@ -16,6 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from node.admin import NothingToDeliver, UnknownStudy, list_studies, requeue, result_objects, retry_failed, show_study
 from node.config import ConfigError, Settings, load_settings, reference_markdown
@@ -23,6 +26,7 @@ from node.db import make_engine, make_sessionmaker, migrate
 from node.demo import DemoParts, run_demo
 from node.schema import JobKind, StudyState
 from node.logs import configure_logging
+from node.retention import PURGEABLE_STATES, PurgeReport, purge, retention_policy
 from node.service import serve
 from node.views import make_console, print_result, print_study, studies_table
 
@@ -41,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UnknownStudy, NothingToDeliver) as exc:
         print(f"spine-node: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # found only when a part starts (e.g. the status page's password file)
+        print(f"spine-node: {exc}", file=sys.stderr)
+        return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,6 +164,16 @@ def _parser() -> argparse.ArgumentParser:
 
     cmd = commands.add_parser("retry-failed", help="requeue every FAILED study from the stage that failed")
     cmd.set_defaults(run=_retry_failed)
+
+    cmd = commands.add_parser("purge", help="delete studies past their retention (never one whose results were not delivered)")
+    cmd.add_argument("--older-than", type=float, metavar="DAYS",
+                     help="days since a study's last change (default: the configured retention_days, per state)")
+    cmd.add_argument("--state", choices=[s.value for s in PURGEABLE_STATES], action="append",
+                     help="only studies in this state (repeat for more; default: "
+                          f"{', '.join(s.value for s in PURGEABLE_STATES)}; work in progress is never purged)")
+    cmd.add_argument("--dry-run", action="store_true", help="list what would be purged, and what is kept and why; delete nothing")
+    cmd.add_argument("--json", action="store_true", help="print the report as JSON")
+    cmd.set_defaults(run=_purge)
     return parser
 
 
@@ -356,6 +373,52 @@ def _retry_failed(settings: Settings, args: argparse.Namespace) -> int:
         print(f"requeued {job['study_instance_uid']} from {job['kind']}: job {job['id']} written")
     print(f"{len(jobs)} failed studies requeued")
     return 0
+
+
+def _purge(settings: Settings, args: argparse.Namespace) -> int:
+    if args.older_than is not None and args.older_than < 0:
+        print("spine-node: --older-than must not be negative", file=sys.stderr)
+        return 2
+    states = [StudyState(s) for s in args.state] if args.state else list(PURGEABLE_STATES)
+    if args.older_than is None:
+        policy = {s: days for s, days in retention_policy(settings).items() if s in states}
+    else:
+        policy = {s: args.older_than for s in states}
+    report = purge(settings, _sessions(settings), policy, dry_run=args.dry_run, actor=f"cli:{getpass.getuser()}")
+    if args.json:
+        _print_json(report.as_json())
+        return 0
+    _print_purge(report, policy, make_console())
+    return 0
+
+
+def _print_purge(report: PurgeReport, policy: dict[StudyState, float], console: Console) -> None:
+    """The purge report for people: what went (or would go), what was kept and why."""
+    def size(n: int) -> str:
+        for shift, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")):
+            if n >= 2**shift:
+                return f"{n / 2**shift:.1f} {unit}"
+        return f"{n} bytes"
+
+    if not policy:
+        console.print("no retention configured (retention_days) and no --older-than given: nothing to purge")
+    verb = "would purge" if report.dry_run else "purged"
+    console.print(f"{verb} {report.studies} studies, {report.instances} instances, {size(report.bytes_freed)}")
+    if report.interrupted:
+        console.print(f"{report.interrupted} interrupted purges {'to finish' if report.dry_run else 'finished'}")
+    if report.purged:
+        gone = Table("state", "age (days)", "instances", "result objects", "size", "missing files", "study", title=verb)
+        gone.columns[-1].no_wrap = True
+        for p in report.purged:
+            gone.add_row(p.state, f"{p.age_days:.1f}", str(p.instances), str(p.result_objects), size(p.bytes),
+                         str(p.files_missing), p.study_instance_uid)
+        console.print(gone)
+    if report.kept:
+        kept = Table("state", "age (days)", "why kept", "study", title="kept")
+        kept.columns[-1].no_wrap = True
+        for k in report.kept:
+            kept.add_row(k.state, f"{k.age_days:.1f}", escape(k.reason), k.study_instance_uid)
+        console.print(kept)
 
 
 def _print_json(value: Any) -> None:

@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 from node.config import Settings
 from node.db import make_engine
 from node.logs import configure_logging
+from node.metrics import Refusal, refuse_association
 from node.scp import ReceiverServer, make_ae, make_ssl_context, scp_handlers
 from node.store import InstanceStore
 
@@ -124,6 +125,7 @@ class HandoffServer(ReceiverServer):
             try:
                 request = ssl_context.wrap_socket(request, server_side=True)
             except OSError as exc:
+                refuse_association(Refusal.TLS_HANDSHAKE)
                 LOGGER.warning("TLS handshake with %s failed: %s", client_address[0], exc)
                 request.close()
                 return
@@ -132,7 +134,7 @@ class HandoffServer(ReceiverServer):
 
 def run_receiver(settings: Settings, pipe: Connection, parent_pid: int) -> None:
     """Entry point of a receiving process: serve what the dispatcher hands over until told to stop."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)

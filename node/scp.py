@@ -17,10 +17,12 @@ from typing import Any, cast
 
 from pydicom import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from pydicom.uid import (
+    UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -31,6 +33,14 @@ from pydicom.uid import (
 )
 
 from node.config import Settings
+from node.metrics import (
+    DUPLICATE_INSTANCES,
+    INSTANCES_RECEIVED,
+    INSTANCES_REFUSED,
+    RECEIVED_BYTES,
+    Refusal,
+    refuse_association,
+)
 from node.store import InstanceStore, InvalidInstance, OutOfResources, UndecodableInstance
 
 LOGGER = logging.getLogger(__name__)
@@ -60,8 +70,14 @@ class ReceiverServer(ThreadedAssociationServer):
     accepts = True
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        """Accept a connection and set TCP_NODELAY on it (about 10x faster on loopback)."""
-        sock, address = super().get_request()
+        """Accept a connection and set TCP_NODELAY on it (about 10x faster on loopback); a failed
+        TLS handshake is counted and logged (socketserver drops the connection quietly)."""
+        try:
+            sock, address = super().get_request()
+        except ssl.SSLError as exc:
+            refuse_association(Refusal.TLS_HANDSHAKE)
+            LOGGER.warning("TLS handshake failed: %s", exc.reason or exc)
+            raise
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
 
@@ -88,26 +104,37 @@ def handle_store(event: Event, store: InstanceStore) -> int | Dataset:
     try:
         ds = event.dataset
         _check_sop_class(ds, event.context.abstract_syntax)
-        stored = store.store(ds, event.encoded_dataset(), event.context.transfer_syntax, calling)
+        encoded = event.encoded_dataset()
+        stored = store.store(ds, encoded, event.context.transfer_syntax, calling)
     except InvalidInstance as exc:
         LOGGER.warning("refused instance from %s: %s", calling, exc)
-        return _status(DATASET_DOES_NOT_MATCH, str(exc))
+        return _refuse(DATASET_DOES_NOT_MATCH, str(exc))
     except OutOfResources as exc:
         LOGGER.error("refused instance from %s: %s", calling, exc.strerror)
-        return _status(OUT_OF_RESOURCES, exc.strerror or "out of resources")
+        return _refuse(OUT_OF_RESOURCES, exc.strerror or "out of resources")
     except UndecodableInstance as exc:
         LOGGER.warning("refused instance from %s: %s", calling, exc)
-        return _status(CANNOT_UNDERSTAND, str(exc))
+        return _refuse(CANNOT_UNDERSTAND, str(exc))
     except (EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
         LOGGER.warning("refused undecodable instance from %s: %s", calling, type(exc).__name__)
-        return _status(CANNOT_UNDERSTAND, f"dataset could not be decoded: {type(exc).__name__}")
+        return _refuse(CANNOT_UNDERSTAND, f"dataset could not be decoded: {type(exc).__name__}")
     except Exception:
         LOGGER.exception("failed to store an instance from %s", calling)
-        return _status(PROCESSING_FAILURE, "internal error while storing")
+        return _refuse(PROCESSING_FAILURE, "internal error while storing")
+    _count_received(event.context.transfer_syntax, len(encoded), stored.duplicate)
     if stored.new_series:
         LOGGER.info("new series %s in study %s", stored.identifiers.series_instance_uid,
                     stored.identifiers.study_instance_uid)
     return SUCCESS
+
+
+def _count_received(transfer_syntax: str, size: int, duplicate: bool) -> None:
+    syntax = UID(transfer_syntax).keyword or str(transfer_syntax)
+    if duplicate:
+        DUPLICATE_INSTANCES.labels(transfer_syntax=syntax).inc()
+        return
+    INSTANCES_RECEIVED.labels(transfer_syntax=syntax).inc()
+    RECEIVED_BYTES.labels(transfer_syntax=syntax).inc(size)
 
 
 def _check_sop_class(ds: Dataset, abstract_syntax: str) -> None:
@@ -117,7 +144,9 @@ def _check_sop_class(ds: Dataset, abstract_syntax: str) -> None:
         raise InvalidInstance(f"SOPClassUID {sop_class} does not match the context's {abstract_syntax}")
 
 
-def _status(code: int, comment: str) -> Dataset:
+def _refuse(code: int, comment: str) -> Dataset:
+    """The failure status ``code`` with ``comment``, counted."""
+    INSTANCES_REFUSED.labels(status=f"0x{code:04X}").inc()
     status = Dataset()
     status.Status = code
     status.ErrorComment = comment[:64]
@@ -133,8 +162,36 @@ def handle_requested(event: Event, settings: Settings) -> None:
     if any(caller.admits(calling, requestor.address) for caller in settings.allowed_callers):
         return
     LOGGER.warning("rejected association from %s at %s: not on the allowlist", calling, requestor.address)
+    refuse_association(Refusal.CALLER_NOT_ALLOWED)
     event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
     event.assoc.kill()  # as pynetdicom's own ACSE does: waits until the reject PDU is out
+
+
+def handle_rejected(event: Event) -> None:
+    """An association pynetdicom rejected while negotiating (the allowlist's are counted above):
+    count it and say why."""
+    assoc = event.assoc
+    if not assoc.is_acceptor:
+        return
+    reason = _rejection_reason(assoc)
+    refuse_association(reason)
+    primitive = assoc.requestor.primitive
+    why = {Refusal.CALLED_AE_TITLE: f"called AE title {primitive.called_ae_title if primitive else '?'} is not ours",
+           Refusal.TOO_MANY_ASSOCIATIONS: f"{assoc.ae.maximum_associations} associations already open"}
+    LOGGER.warning("rejected association from %s at %s: %s", primitive.calling_ae_title if primitive else "?",
+                   assoc.requestor.address, why.get(reason, "refused while negotiating"))
+
+
+def _rejection_reason(assoc: Association) -> Refusal:
+    """The rejection pynetdicom's acceptor made, in its order of precedence (the association
+    limit overrides the called AE title)."""
+    acceptors = [a for a in assoc.ae.active_associations if a.is_acceptor]
+    if len(acceptors) > assoc.ae.maximum_associations:
+        return Refusal.TOO_MANY_ASSOCIATIONS
+    primitive = assoc.requestor.primitive
+    if primitive is not None and assoc.ae.require_called_aet and primitive.called_ae_title != assoc.acceptor.ae_title.strip():
+        return Refusal.CALLED_AE_TITLE
+    return Refusal.OTHER
 
 
 def make_ae(settings: Settings) -> AE:
@@ -166,11 +223,13 @@ def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def scp_handlers(settings: Settings, store: InstanceStore) -> list[Any]:
-    """The event handlers of every receiving server: echo, store, and the caller allowlist."""
+    """The event handlers of every receiving server: echo, store, the caller allowlist, and the
+    count of associations pynetdicom rejects."""
     return [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [store]),
         (evt.EVT_REQUESTED, handle_requested, [settings]),
+        (evt.EVT_REJECTED, handle_rejected),
     ]
 
 

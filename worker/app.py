@@ -3,6 +3,9 @@
 Each task takes a job id and runs it through :class:`worker.tasks.Context`; the job row, not
 Celery, holds the job's state, attempts and backoff. Celery's part is at-least-once delivery:
 late acknowledgement, messages of killed processes given back, and time limits.
+
+With ``worker_metrics_port`` the worker's main process serves ``/metrics`` (what its pool
+processes counted: stages, jobs, deliveries, loaded models) and ``/healthz`` (node.metrics).
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import socket
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutting_down
 
-from node.config import Settings
+from node.config import LogFormat, Settings
+from node.db import make_engine
 from node.dispatch import QUEUES, TASK_NAMES, celery_config
+from node.metrics import Exposition, database_check
 from node.schema import JobKind
 from worker.tasks import Context
 
@@ -37,12 +42,14 @@ def make_app(settings: Settings) -> tuple[Celery, Context]:
 
 
 def worker_argv(settings: Settings, queues: list[str], concurrency: int | None) -> list[str]:
-    """The ``celery worker`` arguments: one task at a time per process, one process per GPU."""
+    """The ``celery worker`` arguments: one task at a time per process, one process per GPU; no
+    start-up banner with JSON logs (every line of output is then a JSON object)."""
     if concurrency is None:
         import torch
 
         concurrency = max(1, torch.cuda.device_count())
-    return ["worker", "--loglevel", settings.log_level, "--queues", ",".join(queues), "--concurrency", str(concurrency),
+    quiet = ["--quiet"] if settings.log_format is LogFormat.JSON else []
+    return [*quiet, "worker", "--loglevel", settings.log_level, "--queues", ",".join(queues), "--concurrency", str(concurrency),
             "--prefetch-multiplier", "1", "--hostname", f"spine-node-{os.getpid()}@{socket.gethostname()}",
             "--without-gossip", "--without-mingle"]
 
@@ -51,5 +58,56 @@ def run_worker(settings: Settings, queues: list[str] | None = None, concurrency:
     """Start a Celery worker in this process (blocks until it is stopped)."""
     if not settings.broker_url:
         raise ValueError("spine-node worker needs broker_url (embedded mode grades inside spine-node serve)")
-    app, _ = make_app(settings)
-    return app.worker_main(worker_argv(settings, queues or list(QUEUES.values()), concurrency))
+    exposition = Exposition() if settings.worker_metrics_port else None  # before the pool processes fork
+    try:
+        app, _ = make_app(settings)
+        if exposition is not None:
+            _expose(settings, exposition)
+        return app.worker_main(worker_argv(settings, queues or list(QUEUES.values()), concurrency))
+    finally:
+        if exposition is not None:
+            exposition.close()
+
+
+def _expose(settings: Settings, exposition: Exposition) -> None:
+    """Serve ``/metrics`` and ``/healthz`` from this (Celery's main) process."""
+    health = WorkerHealth(settings)
+    worker_ready.connect(health.consuming, weak=False)
+    worker_shutting_down.connect(health.stopping, weak=False)
+    worker_process_shutdown.connect(lambda pid, **_: exposition.process_ended(pid), weak=False)
+    exposition.serve(settings.host, settings.worker_metrics_port, health)
+
+
+class WorkerHealth:
+    """A worker's ``/healthz``: the database answers, and the worker consumes with a live broker
+    connection (Celery drops it while the broker is away and reconnects)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.engine = make_engine(settings.database_url)
+        self._consumer: Any = None
+        self._stopping = False
+
+    def consuming(self, sender: Any = None, **_: Any) -> None:
+        """Celery's ``worker_ready``: ``sender`` is the consumer."""
+        self._consumer = sender
+
+    def stopping(self, **_: Any) -> None:
+        """Celery's ``worker_shutting_down``."""
+        self._stopping = True
+
+    def __call__(self) -> dict[str, str]:
+        try:
+            database = database_check(self.engine)
+        finally:
+            self.engine.dispose()  # keep no connection that the next forked pool process would inherit
+        return {"database": database, "broker": self._broker()}
+
+    def _broker(self) -> str:
+        if self._stopping:
+            return "shutting down"
+        if self._consumer is None:
+            return "not consuming yet"
+        connection = self._consumer.connection
+        if connection is None or not connection.connected:
+            return "not connected: reconnecting"
+        return "ok"

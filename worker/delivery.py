@@ -7,7 +7,8 @@ attempt and schedules the next (``delivery_retry_s`` doubling, at most an hour).
 When a row's attempts at its destination run out it moves to the destination's alternate,
 if one is configured, with fresh attempts; when those run out too it is DEAD, the dead letter
 that ``show`` lists and ``retry-failed`` sends again. A peer that does not take a
-Comprehensive 3D SR gets the result's Comprehensive SR twin, and the row says so.
+Comprehensive 3D SR gets the result's Comprehensive SR twin, and the row says so. Every
+attempt is counted by peer and outcome (``spine_node_delivery_attempts_total``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from sqlalchemy.orm import Session
 from node.config import Destination, Peer, Settings
 from node.db import reading, transaction
 from node.jobs import Claim, complete, fail, hold, reschedule, set_study_state
-from node.schema import Delivery, DeliveryState, Event, ResultObject, StudyState, utcnow
+from node.metrics import DELIVERY_ATTEMPTS, JOB_LATENCY
+from node.schema import Delivery, DeliveryState, Event, JobKind, ResultObject, StudyState, utcnow
 from node.scu import AssociationFailed, Sent, StudyRootFind, associate, client_ssl_context, context_of, held_by_peer, send_one
 
 if TYPE_CHECKING:
@@ -58,8 +60,9 @@ def retry_delay(settings: Settings, attempts: int) -> dt.timedelta:
     return dt.timedelta(seconds=min(settings.delivery_retry_s * 2 ** max(attempts - 1, 0), 3600.0))
 
 
-def deliver_result(ctx: Context, held: Claim) -> None:
-    """Send what is due, record each outcome, then finish, wait for the next attempt, or fail."""
+def deliver_result(ctx: Context, held: Claim) -> str:
+    """Send what is due, record each outcome, then finish, wait for the next attempt, or fail;
+    returns which: "done", "waiting" or "failed"."""
     settings = ctx.settings
     if not settings.destinations:
         with transaction(ctx.sessions) as session:
@@ -67,7 +70,7 @@ def deliver_result(ctx: Context, held: Claim) -> None:
             session.add(Event(study_id=held.study_id, kind="delivery", actor=ctx.actor,
                               message="no destinations configured: the result stays in the database",
                               details={"job_id": held.job_id, "result_id": held.result_id}))
-        return
+        return "done"
     objects = _objects(ctx, held)
     _plan(ctx, held, objects, settings.destinations)
     peers = {d.key: d for d in settings.destinations} | {d.alternate.key: d.alternate for d in settings.destinations if d.alternate}
@@ -82,7 +85,7 @@ def deliver_result(ctx: Context, held: Claim) -> None:
         peer = peers.get(key)
         outcomes = _send(ctx, held, peer, rows, objects) if peer else {r.id: Outcome(False, f"{key} is no longer configured") for r in rows}
         _record(ctx, held, rows, outcomes, settings)
-    _finish(ctx, held)
+    return _finish(ctx, held)
 
 
 def _objects(ctx: Context, held: Claim) -> dict[str, ResultObject]:
@@ -172,6 +175,7 @@ def _record(ctx: Context, held: Claim, rows: Sequence[Delivery], outcomes: dict[
     """Write each row's outcome: SENT, the next attempt, the alternate, or DEAD; events for the timeline."""
     now = utcnow()
     alternates = {d.key: d.alternate for d in settings.destinations}
+    counted: list[tuple[str, str]] = []  # (peer, outcome), counted once the rows are committed
     with transaction(ctx.sessions) as session:
         for row in rows:
             outcome = outcomes[row.id]
@@ -179,21 +183,28 @@ def _record(ctx: Context, held: Claim, rows: Sequence[Delivery], outcomes: dict[
             assert fresh is not None
             fresh.attempts += 1
             fresh.last_status = f"{fresh.via}: {outcome.status}"[:4000]
+            peer = str(fresh.via or fresh.destination)
             if outcome.ok:
                 fresh.state, fresh.next_attempt_at = DeliveryState.SENT.value, None
+                counted.append((peer, "fallback" if outcome.fallback else "sent"))
                 if outcome.fallback:
                     _event(session, held, "delivery-fallback", f"{fresh.via}: {outcome.status}", fresh)
             elif fresh.attempts < settings.delivery_max_attempts:
                 fresh.next_attempt_at = now + retry_delay(settings, fresh.attempts)
+                counted.append((peer, "failed"))
             elif fresh.via == fresh.destination and alternates.get(fresh.destination) is not None:
                 alternate = alternates[fresh.destination]
                 assert alternate is not None
                 fresh.via, fresh.attempts, fresh.next_attempt_at = alternate.key, 0, None
+                counted.append((peer, "alternate"))
                 _event(session, held, "delivery-alternate", f"{fresh.destination} failed {settings.delivery_max_attempts} times "
                                                             f"({outcome.status}); sending to {alternate.key}", fresh)
             else:
                 fresh.state, fresh.next_attempt_at = DeliveryState.DEAD.value, None
+                counted.append((peer, "dead"))
                 _event(session, held, "delivery-dead", f"gave up on {fresh.via} after {fresh.attempts} attempts: {outcome.status}", fresh)
+    for peer, result in counted:
+        DELIVERY_ATTEMPTS.labels(peer=peer, outcome=result).inc()
 
 
 def _event(session: Session, held: Claim, kind: str, message: str, row: Delivery) -> None:
@@ -201,19 +212,21 @@ def _event(session: Session, held: Claim, kind: str, message: str, row: Delivery
                       details={"job_id": held.job_id, "sop_instance_uid": row.sop_instance_uid, "destination": row.destination}))
 
 
-def _finish(ctx: Context, held: Claim) -> None:
+def _finish(ctx: Context, held: Claim) -> str:
     """All SENT: DONE and the study DELIVERED; some DEAD and none waiting: FAILED; else wait."""
     with reading(ctx.sessions) as session:
         rows = session.scalars(select(Delivery).where(Delivery.result_id == held.result_id)).all()
     states = [r.state for r in rows]
     if states and all(s == DeliveryState.SENT.value for s in states):
         with transaction(ctx.sessions) as session:
-            complete(session, hold(session, held))
+            job = hold(session, held)
+            complete(session, job)
             set_study_state(session, held.study_id, StudyState.DELIVERED, (StudyState.GRADED,))
             session.add(Event(study_id=held.study_id, kind="delivered", actor=ctx.actor,
                               message=f"{len(rows)} objects stored at {len({r.destination for r in rows})} destinations",
                               details={"job_id": held.job_id, "result_id": held.result_id}))
-        return
+        JOB_LATENCY.labels(kind=JobKind.DELIVER.value).observe((utcnow() - job.created_at).total_seconds())
+        return "done"
     waiting = [r.next_attempt_at or utcnow() for r in rows if r.state == DeliveryState.PENDING.value]
     if waiting:
         when = min(waiting)
@@ -221,6 +234,7 @@ def _finish(ctx: Context, held: Claim) -> None:
             reschedule(session, hold(session, held), when,
                        f"{len(waiting)} of {len(rows)} objects not stored yet; next attempt at {when.isoformat(timespec='seconds')}",
                        ctx.actor)
-        return
+        return "waiting"
     dead = sum(s == DeliveryState.DEAD.value for s in states)
     fail(ctx.sessions, held, f"{dead} of {len(rows)} objects dead-lettered (spine-node show lists them)", True, ctx.policy, ctx.actor)
+    return "failed"

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.db import reading, transaction
 from node.jobs import Claim, complete, hold, set_study_state
+from node.metrics import JOB_LATENCY, STAGE_SECONDS
 from node.schema import Event, Instance, Job, JobKind, Result, ResultObject, StudyState, utcnow
 from worker.objects import SavedObject, make_objects
 from worker.pipeline import Analysis, StudyError, analyse, read_series, result_json
@@ -29,7 +30,8 @@ LOGGER = logging.getLogger(__name__)
 
 class Timeline:
     """A :data:`models.analysis.Stage` that writes each stage's start, end and duration as one
-    event of the study's timeline (``spine-node show`` lists them)."""
+    event of the study's timeline (``spine-node show`` lists them), and observes the duration of
+    each that succeeded (``spine_node_stage_duration_seconds``)."""
 
     def __init__(self, sessions: sessionmaker[Session], held: Claim, actor: str) -> None:
         self.sessions, self.held, self.actor = sessions, held, actor
@@ -42,6 +44,8 @@ class Timeline:
             ok = True
         finally:
             duration = time.perf_counter() - t0
+            if ok:
+                STAGE_SECONDS.labels(stage=name).observe(duration)
             try:
                 with transaction(self.sessions) as session:
                     session.add(Event(study_id=self.held.study_id, kind="stage", actor=self.actor,
@@ -129,5 +133,7 @@ def store_result(sessions: sessionmaker[Session], held: Claim, analysis: Analysi
         set_study_state(session, held.study_id, StudyState.GRADED, (StudyState.READY, StudyState.GRADING))
         session.add(Event(study_id=held.study_id, kind="graded", actor=actor, message=message,
                           details={"job_id": held.job_id, "result_id": result_id, "warnings": analysis.warnings}))
+        written = job.created_at
+    JOB_LATENCY.labels(kind=JobKind.GRADE.value).observe((utcnow() - written).total_seconds())
     LOGGER.info("study %s graded (result %s)", held.study_instance_uid, result_id)
     return result_id

@@ -6,6 +6,7 @@ The Celery tasks (worker.app) and the embedded executor of ``spine-node serve`` 
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import threading
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.config import Settings
 from node.db import make_engine, make_sessionmaker
 from node.jobs import Claim, JobPolicy, LeaseLost, claim, fail, renew
+from node.logs import exception_message
+from node.metrics import JOB_RUNS, MODEL_INFO
 from node.schema import JobKind
 from models.volumes import VolumeError
 from worker.delivery import NothingToSend, deliver_result
@@ -91,29 +94,40 @@ class Context:
                 device = pick_device()
                 self._models = Models(Detector.load(DEFAULT_WEIGHTS, device), GraderModel.load(DEFAULT_GRADER, device), device)
                 LOGGER.info("models loaded on %s", device)
+                MODEL_INFO.labels(name="spine-node", version=importlib.metadata.version("spine-node"),
+                                  detector_sha256=self._models.detector.sha256, grader_sha256=self._models.grader.sha256,
+                                  device=device).set(1)
             return self._models
 
     def run(self, job_id: int) -> str:
-        """Run job ``job_id`` if it is ours to run; returns what happened (for logs and tests)."""
+        """Run job ``job_id`` if it is ours to run; returns what happened (for logs and tests):
+        skipped (not ours), done, waiting (a delivery until its next C-STORE attempt), pending
+        (retried later after an error), failed, lost or cancelled; counted by kind and outcome."""
         held = claim(self.sessions, job_id, self.policy, self.actor)
         if held is None:
             return "skipped"
+        outcome = self._run_held(held)
+        JOB_RUNS.labels(kind=held.kind.value, outcome=outcome).inc()
+        return outcome
+
+    def _run_held(self, held: Claim) -> str:
+        job_id = held.job_id
         with _Lease(self, held):
             try:
-                if held.kind is JobKind.GRADE:
-                    grade_study(self, held)
-                else:
-                    deliver_result(self, held)
+                if held.kind is JobKind.DELIVER:
+                    return deliver_result(self, held)
+                grade_study(self, held)
             except LeaseLost as exc:
                 LOGGER.warning("job %s: %s; its result was not written", job_id, exc)
                 return "lost"
             except PERMANENT as exc:
-                LOGGER.warning("job %s failed: %s", job_id, exc)
-                fail(self.sessions, held, str(exc), True, self.policy, self.actor)
+                LOGGER.warning("job %s failed: %s", job_id, exception_message(exc))
+                fail(self.sessions, held, exception_message(exc), True, self.policy, self.actor)
                 return "failed"
             except Exception as exc:  # noqa: BLE001 - anything else may be transient: retried, bounded by attempts
                 LOGGER.exception("job %s attempt %s failed", job_id, held.attempt)
-                return fail(self.sessions, held, f"{type(exc).__name__}: {exc}", False, self.policy, self.actor).value.lower()
+                error = f"{type(exc).__name__}: {exception_message(exc)}"
+                return fail(self.sessions, held, error, False, self.policy, self.actor).value.lower()
         return "done"
 
 

@@ -1,0 +1,118 @@
+"""Logs: JSON lines with their fields, and never a patient's name, ID, birth date or accession
+number, in a real run that receives and grades a study carrying distinctive values."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from models.data.phantom import generate
+from node.admin import show_study
+from node.db import make_engine, make_sessionmaker
+from tests.support.services import NodeProcess, echo, store, wait_for
+
+#: Values no log line may hold; each is written into every instance of the studies sent.
+PATIENT_NAME = "Quuxworthy^Zebedee^Marmaduke"
+PATIENT_ID = "PID-7734-QXZ"
+ACCESSION = "ACC-55201-QXZ"
+BIRTH_DATE = "19230405"
+#: Not a valid DA: pydicom warns quoting it, and highdicom raises quoting it when it builds the
+#: report, so the masking of library warnings and tracebacks is exercised too.
+BAD_BIRTH_DATE = "1923-04-05"
+SECRETS = [PATIENT_NAME, "Quuxworthy", "Zebedee", "Marmaduke", PATIENT_ID, ACCESSION, BIRTH_DATE, BAD_BIRTH_DATE]
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    lines = text.splitlines()
+    assert lines
+    parsed = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all(isinstance(entry, dict) for entry in parsed)
+    return parsed
+
+
+def test_json_lines_carry_fields_extras_warnings_masked_and_uncaught_errors() -> None:
+    """``configure_logging(level, "json")`` in a fresh process: a record with ``extra``, a
+    library warning quoting a header value (masked), and an uncaught exception; every line of
+    the output is JSON."""
+    code = """if True:
+        import logging, warnings
+        from node.logs import configure_logging
+        configure_logging("INFO", "json")
+        logging.getLogger("node.example").info("study %s stored", "1.2.3", extra={"study_instance_uid": "1.2.3", "count": 7})
+        warnings.warn("Invalid value for VR DA: '19230405'.")
+        raise RuntimeError("boom")
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    stored, warned, crashed = _json_lines(done.stderr + done.stdout)
+    assert stored["message"] == "study 1.2.3 stored" and stored["level"] == "INFO" and stored["logger"] == "node.example"
+    assert (stored["study_instance_uid"], stored["count"], stored["process"]) == ("1.2.3", 7, "MainProcess")
+    assert stored["time"].endswith("+00:00") and isinstance(stored["pid"], int)
+    assert warned["logger"] == "py.warnings" and "Invalid value for VR DA" in warned["message"]
+    assert "19230405" not in warned["message"]
+    assert crashed["level"] == "CRITICAL" and "RuntimeError: boom" in crashed["exception"]
+
+
+@pytest.fixture
+def identified_studies(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two phantom studies whose every instance carries the patient values above; the second
+    with the birth date that is not a valid DA."""
+    studies = generate(tmp_path_factory.mktemp("identified"), 2, 4711, progress=False, axial="single")
+    for study, birth_date in zip(studies, (BIRTH_DATE, BAD_BIRTH_DATE)):
+        for path in study.rglob("*.dcm"):
+            ds = pydicom.dcmread(path)
+            ds.PatientName, ds.PatientID, ds.AccessionNumber, ds.PatientBirthDate = PATIENT_NAME, PATIENT_ID, ACCESSION, birth_date
+            ds.save_as(path)
+    return studies
+
+
+def test_a_real_run_logs_json_lines_and_no_patient_values(node_factory: Callable[..., NodeProcess], sqlite_url: str,
+                                                          identified_studies: list[Path]) -> None:
+    """``spine-node serve`` with ``log_format = "json"`` at DEBUG receives both studies from
+    storescu, refuses a wrong called AE title, grades the first and fails the second (its birth
+    date breaks the report), and stops: every line of its output is a JSON object, and none
+    holds a patient value, although the stored instances and the result objects do; neither
+    does the failed job's error."""
+    node = node_factory(sqlite_url, broker_url="", log_format="json", log_level="DEBUG", quiet_period_s=0.5,
+                        job_max_attempts=1)
+    for study in identified_studies:
+        assert store(node.port, sorted(study.rglob("*.dcm"))).returncode == 0
+    assert echo(node.port, called="WRONG").returncode != 0
+    good, bad = (str(json.loads((s / "truth.json").read_text())["study_instance_uid"]) for s in identified_studies)
+    engine = make_engine(sqlite_url)
+    try:
+        sessions = make_sessionmaker(engine)
+        graded = wait_for(lambda: (s := _shown(sessions, good)) and [j["state"] for j in s["jobs"]] == ["DONE", "DONE"] and s,
+                          180, "grading and delivery")
+        failed = wait_for(lambda: (s := _shown(sessions, bad)) and s["state"] == "FAILED" and s, 180, "the second study to fail")
+    finally:
+        engine.dispose()
+    assert graded["state"] == "GRADED"
+    assert "Unable to convert '***'" in failed["jobs"][0]["error"]
+    assert node.stop() == 0
+
+    text = node.log.read_text()
+    entries = _json_lines(text)
+    assert {"time", "level", "logger", "message", "process", "pid"} <= set(entries[0])
+    messages = [e["message"] for e in entries]
+    assert any(f"study {good} graded" in m for m in messages)
+    assert any("rejected association" in m for m in messages)
+    assert any("Unable to convert '***'" in e.get("exception", "") for e in entries)  # the traceback, masked
+    assert [secret for secret in SECRETS if secret in text] == []
+    results = list((node.workdir / "storage" / "results").rglob("*.dcm"))
+    assert results and all(PATIENT_ID.encode() in p.read_bytes() for p in results)  # the values were there to leak
+    assert [secret for secret in SECRETS if secret in json.dumps(failed)] == []
+
+
+def _shown(sessions: Any, uid: str) -> dict[str, Any] | None:
+    try:
+        return show_study(sessions, uid)
+    except LookupError:
+        return None

@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
@@ -120,6 +120,7 @@ class InstanceStore:
         self.incoming_dir = self.storage_dir / INCOMING
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
         self._known_series: dict[str, tuple[int, int]] = {}  # series UID -> (study id, series id)
+        self._series_rows: dict[str, dict[str, Any]] = {}  # series UID -> its row, to place it again after a purge
         self._committer: GroupCommitter[_Pending, Stored] = GroupCommitter(self._commit, name="store-commit")
 
     def close(self) -> None:
@@ -142,7 +143,7 @@ class InstanceStore:
         pending = _Pending(
             ids=ids,
             known=known,
-            series=None if known else self._series_row(ds, ids),
+            series=None if known else self._series_rows.setdefault(ids.series_instance_uid, self._series_row(ds, ids)),
             instance=_instance_row(ds, ids, relative, len(encoded), transfer_syntax_uid, calling_ae_title),
             directory=path.parent,
             calling_ae_title=calling_ae_title,
@@ -195,6 +196,7 @@ class InstanceStore:
             fsync_dir(directory)
         learned: dict[str, tuple[int, int]] = {}
         with self.engine.begin() as conn:
+            batch = self._forget_purged(conn, batch)
             unplaced = [p.ids.sop_instance_uid for p in batch if p.known is None]
             indexed = set(conn.scalars(select(INSTANCES.c.sop_instance_uid).where(INSTANCES.c.sop_instance_uid.in_(unplaced)))
                           ) if unplaced else set()
@@ -209,6 +211,19 @@ class InstanceStore:
             results.append(Stored(p.ids, p.ids.sop_instance_uid not in inserted,
                                   new_study=bool(place and place.new_study), new_series=bool(place and place.new_series)))
         return results
+
+    def _forget_purged(self, conn: Connection, batch: list[_Pending]) -> list[_Pending]:
+        """Series this process placed before whose rows are gone (retention purged the study) are
+        placed again, as new, from their remembered rows."""
+        known = {p.known[1] for p in batch if p.known}
+        alive = set(conn.scalars(select(SERIES.c.id).where(SERIES.c.id.in_(known)))) if known else set()
+        if alive == known:
+            return batch
+        gone = [p.ids.series_instance_uid for p in batch if p.known and p.known[1] not in alive]
+        for uid in gone:
+            self._known_series.pop(uid, None)
+        return [replace(p, known=None, series=self._series_rows[p.ids.series_instance_uid])
+                if p.ids.series_instance_uid in gone else p for p in batch]
 
     @staticmethod
     def _insert_instances(conn: Connection, fresh: list[_Pending], placed: dict[str, _Placement]) -> dict[str, int]:

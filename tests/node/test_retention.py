@@ -376,8 +376,6 @@ def test_purge_command(site_factory: Callable[..., Site], database_url: str) -> 
     assert refused.returncode == 2 and "invalid choice" in refused.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="node/store.py caches (study id, series id) per series UID in each receiving process: "
-                   "after a purge, instances of those series fail with FOREIGN KEY (0xC211) until the node restarts")
 def test_a_purged_study_sent_again_is_received(node_factory: Callable[..., NodeProcess], database_url: str,
                                                tmp_path: Path) -> None:
     study = make_study(tmp_path / "study", slices=2)

@@ -4,14 +4,16 @@ and the key images. Deliveries send these files, so a retry sends the very same 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom import Dataset
+from pydicom import Dataset, config
+from pydicom.valuerep import validate_value
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,6 +27,8 @@ from worker.pipeline import SeriesEntry
 from worker.reports import build_sr
 from worker.storage import InstanceStorage
 
+LOGGER = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class SavedObject:
@@ -36,9 +40,25 @@ class SavedObject:
     path: str
 
 
+def blank_invalid_dates(datasets: Iterable[Dataset]) -> None:
+    """Blank top-level dates and times that are not valid DICOM (e.g. a birth date written
+    1923-04-05): highdicom copies them into our objects and refuses invalid ones, and another
+    attempt could never fix that. Type 2 attributes may be empty; the value is not logged."""
+    for ds in datasets:
+        for elem in ds:
+            if elem.VR in ("DA", "TM", "DT") and elem.value not in (None, ""):
+                try:
+                    validate_value(elem.VR, elem.value, config.RAISE)
+                except ValueError:
+                    LOGGER.warning("blanking an invalid %s value of %s in the copy used for result objects", elem.VR, elem.keyword)
+                    elem.value = ""
+
+
 def build_objects(result: Mapping[str, Any], anchors: Mapping[tuple[str, str], Anchor], evidence: Sequence[Dataset],
                   images: Mapping[str, Dataset], identity: Identity, previous: Sequence[Dataset]) -> list[tuple[str, Dataset]]:
-    """Every object of a result, by kind; ``images`` holds the anchored images with pixels."""
+    """Every object of a result, by kind; ``images`` holds the anchored images with pixels.
+    Invalid dates in the sources are blanked first (in these in-memory copies only)."""
+    blank_invalid_dates([*evidence, *images.values()])
     sr = build_sr(result, anchors, evidence, identity, three_d=True, previous=previous)
     twin = build_sr(result, anchors, evidence, identity, three_d=False, previous=previous)
     return [("SR", sr), ("SR-2D", twin),

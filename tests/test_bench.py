@@ -1,21 +1,24 @@
-"""The ingest benchmark still runs end to end (a smoke run: no timing is asserted)."""
+"""The benchmarks still run end to end (smoke runs: no timing is asserted)."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+
+def run_bench(module: str, tmp_path: Path, *args: str, codes: tuple[int, ...] = (0, 1)) -> Any:
+    """Run ``python -m bench.<module> ARGS --json FILE`` from the repository root; the JSON it wrote.
+    Exit 1 means a goal was missed, still a valid run."""
+    out = tmp_path / f"{module}.json"
+    result = subprocess.run([sys.executable, "-m", f"bench.{module}", *args, "--json", str(out)],
+                            cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    assert result.returncode in codes, result.stdout + result.stderr
+    return json.loads(out.read_text())
 
 
 def test_ingest_benchmark_smoke_run(tmp_path: Path) -> None:
-    root = Path(__file__).parents[1]
-    out = tmp_path / "ingest.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.ingest", "--runs", "1", "--instances", "8", "--only", "node-r1,storescp",
-         "--json", str(out)],
-        cwd=root, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    rows = json.loads(out.read_text())["results"]
+    rows = run_bench("ingest", tmp_path, "--runs", "1", "--instances", "8", "--only", "node-r1,storescp", codes=(0,))["results"]
     assert {(r["receiver"], r["associations"]) for r in rows} == {
         ("node r=1 SQLite", 1), ("node r=1 SQLite", 4), ("storescp", 1), ("storescp", 4)}
     assert all(r["failures"] == [] and r["images_per_s"] > 0 for r in rows)
@@ -23,23 +26,13 @@ def test_ingest_benchmark_smoke_run(tmp_path: Path) -> None:
 
 def test_pipeline_benchmark_smoke_run(tmp_path: Path) -> None:
     """The pipeline benchmark renders its study, times every stage and writes its JSON."""
-    root = Path(__file__).parents[1]
-    out = tmp_path / "pipeline.json"
-    result = subprocess.run([sys.executable, "-m", "bench.pipeline", "--studies", "1", "--runs", "1", "--json", str(out)],
-                            cwd=root, capture_output=True, text=True, timeout=300)
-    assert result.returncode in (0, 1), result.stdout + result.stderr  # 1: goal missed, still a valid run
-    rows = json.loads(out.read_text())["results"]
+    rows = run_bench("pipeline", tmp_path, "--studies", "1", "--runs", "1")["results"]
     assert len(rows) == 1 and all(rows[0][k] > 0 for k in ("volumes", "detect", "extract", "grade", "grade_paper", "decode_only"))
 
 
 def test_study_latency_benchmark_smoke_run(tmp_path: Path) -> None:
     """The latency benchmark runs a node, grades a warm-up, one timed study and a queue of two, and writes its JSON."""
-    root = Path(__file__).parents[1]
-    out = tmp_path / "latency.json"
-    result = subprocess.run([sys.executable, "-m", "bench.study_latency", "--runs", "1", "--queue", "2", "--json", str(out)],
-                            cwd=root, capture_output=True, text=True, timeout=300)
-    assert result.returncode in (0, 1), result.stdout + result.stderr  # 1: goal missed, still a valid run
-    written = json.loads(out.read_text())
+    written = run_bench("study_latency", tmp_path, "--runs", "1", "--queue", "2")
     latency, queue = written["latency"], written["queue"]
     assert len(latency["runs"]) == 1 and len(queue["runs"]) == 2 and queue["studies"] == 2
     assert all(latency[row][k] > 0 for row in ("median", "cold") for k in (

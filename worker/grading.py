@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -79,7 +79,7 @@ def grade_study(ctx: Context, held: Claim) -> None:
             with timeline("report"):
                 objects = make_objects(ctx.settings, ctx.storage, ctx.sessions, held.study_id, payload, series)
     with timeline("store"):
-        store_result(ctx.sessions, held, analysis, key, objects, ctx.actor)
+        store_result(ctx.sessions, held, payload, key, objects, ctx.actor)
 
 
 def _instance_paths(sessions: sessionmaker[Session], held: Claim) -> list[str]:
@@ -107,11 +107,10 @@ def _result_for(sessions: sessionmaker[Session], held: Claim, key: str) -> int |
         return session.scalar(select(Result.id).where(Result.study_id == held.study_id, Result.input_key == key))
 
 
-def store_result(sessions: sessionmaker[Session], held: Claim, analysis: Analysis, key: str, objects: list[SavedObject],
+def store_result(sessions: sessionmaker[Session], held: Claim, payload: dict[str, Any], key: str, objects: list[SavedObject],
                  actor: str) -> int:
     """Write the result, its objects and its delivery job in one transaction, or find the result
     this input already has (a redelivered or requeued job), and finish the job; returns its id."""
-    payload = result_json(analysis)
     with transaction(sessions) as session:
         job = hold(session, held)
         result_id = session.scalar(select(Result.id).where(Result.study_id == held.study_id, Result.input_key == key))
@@ -125,14 +124,14 @@ def store_result(sessions: sessionmaker[Session], held: Claim, analysis: Analysi
             session.add_all(ResultObject(result_id=result_id, kind=o.kind, sop_class_uid=o.sop_class_uid,
                                          sop_instance_uid=o.sop_instance_uid, path=o.path) for o in objects)
             session.add(Job(study_id=held.study_id, kind=JobKind.DELIVER.value, input_key=f"result-{result_id}", result_id=result_id))
-            message = f"{len(analysis.grades)} levels graded, {len(analysis.warnings)} warnings; delivery queued"
+            message = f"{sum(bool(lv['conditions']) for lv in payload['levels'].values())} levels graded, {len(payload['warnings'])} warnings; delivery queued"
         else:
             message = (f"same series and models as result {result_id}: kept it, nothing new to deliver "
                        "(requeue --from-stage deliver sends it again)")
         complete(session, job, result_id)
         set_study_state(session, held.study_id, StudyState.GRADED, (StudyState.READY, StudyState.GRADING))
         session.add(Event(study_id=held.study_id, kind="graded", actor=actor, message=message,
-                          details={"job_id": held.job_id, "result_id": result_id, "warnings": analysis.warnings}))
+                          details={"job_id": held.job_id, "result_id": result_id, "warnings": payload["warnings"]}))
         written = job.created_at
     JOB_LATENCY.labels(kind=JobKind.GRADE.value).observe((utcnow() - written).total_seconds())
     LOGGER.info("study %s graded (result %s)", held.study_instance_uid, result_id)

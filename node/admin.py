@@ -1,4 +1,5 @@
-"""What admins see and do: study lists, a study's full timeline with stage timings, requeue.
+"""What admins see and do: study lists, a study's full timeline with stage timings and audit
+entries, requeue (each recorded in the audit log with the job it wrote).
 
 Functions return plain dicts in the JSON shapes of DESIGN.md, so the CLI prints them as JSON
 or as tables and tests compare them directly.
@@ -12,6 +13,8 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from node import audit
+from node.audit import AuditAction
 from node.db import reading, transaction
 from node.jobs import cancel_open_jobs
 from node.readiness import missing_roles
@@ -50,7 +53,7 @@ def list_studies(sessions: sessionmaker[Session], state: StudyState | None = Non
 
 
 def show_study(sessions: sessionmaker[Session], study_instance_uid: str) -> dict[str, Any]:
-    """One study in full: series with roles and reasons, jobs, timeline, result, deliveries."""
+    """One study in full: series with roles and reasons, jobs, timeline, result, deliveries, audit entries."""
     with reading(sessions) as session:
         study = _study(session, study_instance_uid)
         counts = dict(
@@ -63,6 +66,7 @@ def show_study(sessions: sessionmaker[Session], study_instance_uid: str) -> dict
         events = session.scalars(select(Event).where(Event.study_id == study.id).order_by(Event.at, Event.id)).all()
         result = session.scalars(select(Result).where(Result.study_id == study.id).order_by(Result.id.desc())).first()
         deliveries = session.scalars(select(Delivery).where(Delivery.study_id == study.id).order_by(Delivery.id)).all()
+        audited = [audit.as_json(e) for e in session.scalars(audit.query(study_instance_uid=study.study_instance_uid))]
     roles = frozenset(SeriesRole(s.role) for s in series)
     return {
         "study_instance_uid": study.study_instance_uid,
@@ -97,12 +101,14 @@ def show_study(sessions: sessionmaker[Session], study_instance_uid: str) -> dict
              "attempts": d.attempts, "last_status": d.last_status, "updated_at": _iso(d.updated_at)}
             for d in deliveries
         ],
+        "audit": audited,
     }
 
 
 def requeue(sessions: sessionmaker[Session], study_instance_uid: str, actor: str,
-            from_stage: JobKind = JobKind.GRADE) -> dict[str, Any]:
-    """Write a new job for the study, superseding its jobs of that kind not yet started.
+            from_stage: JobKind = JobKind.GRADE, action: AuditAction = AuditAction.REQUEUE) -> dict[str, Any]:
+    """Write a new job for the study, superseding its jobs of that kind not yet started; record
+    it as ``action`` in the audit log, in the same transaction.
 
     From ``grade``: grade the study as it is now (a result for the same series and model is
     kept, not duplicated). From ``deliver``: send the newest result's objects again, to every
@@ -139,6 +145,8 @@ def requeue(sessions: sessionmaker[Session], study_instance_uid: str, actor: str
                           message=f"requeued from {previous} to {from_stage.value} by {actor}",
                           details={"missing_roles": missing, "from_stage": from_stage.value}))
         session.flush()
+        audit.record(session, actor, action, study.study_instance_uid, from_stage=from_stage.value, job_id=job.id,
+                     previous_state=previous, missing_roles=missing)
         return _job(job)
 
 
@@ -152,7 +160,8 @@ def retry_failed(sessions: sessionmaker[Session], actor: str) -> list[dict[str, 
             .order_by(Study.id, Job.id)
         ).all()
     stage = {uid: JobKind(kind) for uid, kind in failed}  # the newest failed job of each study wins
-    return [{"study_instance_uid": uid, **requeue(sessions, uid, actor, kind)} for uid, kind in stage.items()]
+    return [{"study_instance_uid": uid, **requeue(sessions, uid, actor, kind, AuditAction.RETRY_FAILED)}
+            for uid, kind in stage.items()]
 
 
 def result_objects(sessions: sessionmaker[Session], study_instance_uid: str) -> list[dict[str, str]]:

@@ -7,7 +7,7 @@ the subcommands that need them, so the node's own commands start without loading
 from __future__ import annotations
 
 import argparse
-import getpass
+import datetime as dt
 import json
 import signal
 import sys
@@ -20,7 +20,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from node import audit
 from node.admin import NothingToDeliver, UnknownStudy, list_studies, requeue, result_objects, retry_failed, show_study
+from node.audit import AuditAction, local_actor
 from node.config import ConfigError, Settings, load_settings, reference_markdown
 from node.db import make_engine, make_sessionmaker, migrate
 from node.demo import DemoParts, run_demo
@@ -69,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--json", action="store_true", help="print JSON")
     cmd.set_defaults(run=_studies)
 
-    cmd = commands.add_parser("show", help="one study: series and roles, jobs, timeline, result")
+    cmd = commands.add_parser("show", help="one study: series and roles, jobs, timeline, result, audit entries")
     cmd.add_argument("study_instance_uid")
     cmd.add_argument("--json", action="store_true", help="print JSON")
     cmd.set_defaults(run=_show)
@@ -174,7 +176,26 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--dry-run", action="store_true", help="list what would be purged, and what is kept and why; delete nothing")
     cmd.add_argument("--json", action="store_true", help="print the report as JSON")
     cmd.set_defaults(run=_purge)
+
+    cmd = commands.add_parser("audit", help="export the audit log (requeues, retries, purges, configuration changes: "
+                              "who, what, when), oldest first")
+    cmd.add_argument("--since", type=_utc_time, metavar="ISO", help="only entries at or after this time (ISO 8601; UTC unless "
+                     "it carries an offset)")
+    cmd.add_argument("--study", metavar="UID", help="only entries of this study (also after it was purged)")
+    cmd.add_argument("--action", type=AuditAction, choices=list(AuditAction), metavar="{" + ",".join(a.value for a in AuditAction) + "}",
+                     help="only entries of this action")
+    cmd.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="one JSON object per line (default), or CSV")
+    cmd.set_defaults(run=_audit)
     return parser
+
+
+def _utc_time(text: str) -> dt.datetime:
+    """An ISO 8601 time from the command line, timezone-aware (UTC when it names no offset)."""
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -343,12 +364,24 @@ def _show(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(study)
         return 0
-    print_study(study, make_console())
+    console = make_console()
+    print_study(study, console)
+    _print_audit(study["audit"], console)
     return 0
 
 
+def _print_audit(entries: list[dict[str, Any]], console: Console) -> None:
+    """A study's audit entries for people (``show``): when, what, who, details."""
+    if not entries:
+        return
+    table = Table("at (UTC)", "action", "by", "details", title="audit log")
+    for e in entries:
+        table.add_row(e["at"], e["action"], escape(e["actor"]), escape(audit.describe(e["details"])))
+    console.print(table)
+
+
 def _requeue(settings: Settings, args: argparse.Namespace) -> int:
-    job = requeue(_sessions(settings), args.study_instance_uid, actor=f"cli:{getpass.getuser()}", from_stage=args.from_stage)
+    job = requeue(_sessions(settings), args.study_instance_uid, actor=local_actor("cli"), from_stage=args.from_stage)
     print(f"requeued {args.study_instance_uid} from {args.from_stage.value}: job {job['id']} written")
     return 0
 
@@ -368,7 +401,7 @@ def _render(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _retry_failed(settings: Settings, args: argparse.Namespace) -> int:
-    jobs = retry_failed(_sessions(settings), actor=f"cli:{getpass.getuser()}")
+    jobs = retry_failed(_sessions(settings), actor=local_actor("cli"))
     for job in jobs:
         print(f"requeued {job['study_instance_uid']} from {job['kind']}: job {job['id']} written")
     print(f"{len(jobs)} failed studies requeued")
@@ -384,11 +417,17 @@ def _purge(settings: Settings, args: argparse.Namespace) -> int:
         policy = {s: days for s, days in retention_policy(settings).items() if s in states}
     else:
         policy = {s: args.older_than for s in states}
-    report = purge(settings, _sessions(settings), policy, dry_run=args.dry_run, actor=f"cli:{getpass.getuser()}")
+    report = purge(settings, _sessions(settings), policy, dry_run=args.dry_run, actor=local_actor("cli"))
     if args.json:
         _print_json(report.as_json())
         return 0
     _print_purge(report, policy, make_console())
+    return 0
+
+
+def _audit(settings: Settings, args: argparse.Namespace) -> int:
+    rows = audit.entries(_sessions(settings), args.since, args.study, args.action)
+    (audit.write_csv if args.format == "csv" else audit.write_jsonl)(rows, sys.stdout)
     return 0
 
 

@@ -23,8 +23,9 @@
    study's files (instances, result objects) with each file's identity (device, inode, size,
    mtime), writes that list to a journal file ``storage_dir/.purge/<id>-<uid>.json``
    (fsynced), deletes the study row (series, instances, jobs, results, result objects,
-   deliveries and the study's events go with it: ON DELETE CASCADE), adds a node-wide event
-   (no study; kind ``purged``, the UID and counts in its details) and commits;
+   deliveries and the study's events go with it: ON DELETE CASCADE), adds an audit entry
+   (action ``purge``, the UID and counts; the audit log keeps it after the study is gone) and
+   commits;
 2. then the files are removed, each only if it is still the file that was listed (same
    identity: a PACS sending the same instance again meanwhile writes a new file, which stays),
    emptied folders are removed, and the journal goes last.
@@ -34,6 +35,7 @@ exists, which is ignored and tidied away an hour later); a crash after it leaves
 no rows, which the next run (:func:`finish_interrupted`, called by every purge) removes from
 the journal. A study whose files were already gone (removed by hand) is purged all the same;
 its missing files are counted. One line per purged study is logged (UIDs and counts only).
+A dry run records nothing in the audit log: it changes nothing.
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from node import audit
+from node.audit import AuditAction
 from node.config import Settings
 from node.db import reading, transaction
-from node.schema import (Delivery, DeliveryState, Event, Instance, Job, JobState, Result, ResultObject, Study, StudyState,
-                         utcnow)
+from node.schema import Delivery, DeliveryState, Instance, Job, JobState, Result, ResultObject, Study, StudyState, utcnow
 from node.store import INCOMING, fsync_dir, write_durably
 
 LOGGER = logging.getLogger(__name__)
@@ -303,8 +306,8 @@ def _purge_study(sessions: sessionmaker[Session], storage_dir: Path, study_id: i
         journal = _write_journal(storage_dir, study, files)
         session.execute(delete(Study).where(Study.id == study_id))
         listed = _purged(study, age, instances, objects, files)
-        session.add(Event(study_id=None, kind="purged", actor=actor, details=asdict(listed),
-                          message=f"study {study.study_instance_uid} purged ({study.state}, {age:.1f} days since its last change)"))
+        audit.record(session, actor, AuditAction.PURGE, study.study_instance_uid, retention_days=days,
+                     **{k: v for k, v in asdict(listed).items() if k != "study_instance_uid"})
     purged = replace(listed, bytes=_remove_files(storage_dir, files))
     journal.unlink()
     LOGGER.info("purged a study (%s, %.1f days since its last change): %d instances, %d result objects, %d bytes freed",

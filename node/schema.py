@@ -1,5 +1,6 @@
 """The SQL schema of the node (SQLAlchemy 2): studies, series, instances, jobs, results,
-deliveries, and the append-only events table that is each study's timeline.
+deliveries, the append-only events table that is each study's timeline, and the append-only
+audit log of admin actions, which outlives the studies it names.
 
 States are stored as short strings and checked as enums in Python, so adding a state needs
 no migration. Every timestamp is timezone-aware UTC.
@@ -259,4 +260,21 @@ class Event(Base):
     kind: Mapped[str] = mapped_column(String(32))
     message: Mapped[str] = mapped_column(Text)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    actor: Mapped[str] = mapped_column(String(64), default="node")
+    actor: Mapped[str] = mapped_column(String(255), default="node")
+
+
+class AuditEntry(Base):
+    """One admin action (node.audit.AuditAction): who, what, when, and its details as JSON.
+
+    Append-only (the migration adds triggers that refuse UPDATE and DELETE). The study is named
+    by its UID, not a foreign key, so a purge keeps the audit trail of the study it deletes.
+    """
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(255))  # cli:<os user>@<host>, web:<user>, retention, node:<os user>@<host>
+    action: Mapped[str] = mapped_column(String(32))
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -20,6 +20,7 @@ from multiprocessing.process import BaseProcess
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from node.audit import local_actor, record_config
 from node.config import Settings
 from node.db import make_engine, make_sessionmaker, migrate
 from node.dispatch import CeleryPublisher, EmbeddedPublisher, Outbox, Publisher
@@ -83,6 +84,7 @@ def _serve(settings: Settings, stop: threading.Event, started: threading.Event |
     if exposition is not None:  # a metrics port in use stops the node here, before any receiver starts
         exposition.serve(settings.host, settings.metrics_port, health, [DatabaseCollector(engine)])
     sessions = make_sessionmaker(engine)
+    record_config(sessions, settings, local_actor("node"))  # the audit log notes changed settings at start
     web = start_web(settings, sessions) if settings.web_port else None  # a bad password file stops the node here too
     edge = Receiver(settings, engine) if settings.receivers == 1 else _start_receivers(settings)
     children = health.children = edge.processes if isinstance(edge, Dispatcher) else []

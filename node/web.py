@@ -1,4 +1,4 @@
-"""The status page: studies with their state, one study's grades and key images, requeue.
+"""The status page: studies with their state, one study's grades, key images and audit log, requeue.
 
 Standard library only: a ``ThreadingHTTPServer`` on ``web_port`` behind HTTP Basic
 authentication (``web_user`` and the password in ``web_password_file``). The pages show UIDs,
@@ -33,6 +33,7 @@ from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.admin import NothingToDeliver, UnknownStudy, list_studies, requeue, result_objects, show_study
+from node.audit import describe
 from node.config import ConfigError, Settings
 from node.schema import JobKind, StudyState
 
@@ -251,7 +252,7 @@ def studies_page(server: WebServer, query: str) -> Response:
 
 
 def study_page(server: WebServer, study_instance_uid: str) -> Response:
-    """``GET /studies/<uid>``: state, requeue, grades, key images, series, jobs, stages, deliveries, timeline."""
+    """``GET /studies/<uid>``: state, requeue, grades, key images, series, jobs, stages, deliveries, timeline, audit log."""
     study = show_study(server.sessions, study_instance_uid)
     images = [o["sop_instance_uid"] for o in result_objects(server.sessions, study_instance_uid) if o["kind"] == "SC"]
     missing = f" - missing: {esc(', '.join(study['missing_roles']))}" if study["missing_roles"] else ""
@@ -274,6 +275,8 @@ def study_page(server: WebServer, study_instance_uid: str) -> Response:
              when(d["updated_at"])) for d in study["deliveries"]]),
         "<h2>Timeline</h2>" + table(("at (UTC)", "event", "by", "what"), [
             (when(e["at"]), e["kind"], e["actor"], e["message"]) for e in study["timeline"]]),
+        "<h2>Audit log</h2>" + table(("at (UTC)", "action", "by", "details"), [
+            (when(a["at"]), a["action"], a["actor"], describe(a["details"])) for a in study["audit"]]),
     ])
     return Response(HTTPStatus.OK, page(f"spine-node study {study_instance_uid}", body))
 
@@ -346,7 +349,8 @@ def png(path: Path) -> bytes:
 
 
 def requeue_study(server: WebServer, study_instance_uid: str, form: dict[str, str]) -> Response:
-    """``POST /studies/<uid>/requeue`` (token, stage=grade|deliver): a new job, then back to the study (303)."""
+    """``POST /studies/<uid>/requeue`` (token, stage=grade|deliver): a new job, audited as ``web:<user>`` (the
+    authenticated user), then back to the study (303)."""
     if not hmac.compare_digest(form.get("token", "").encode(), server.token(study_instance_uid).encode()):
         raise HttpProblem(HTTPStatus.FORBIDDEN, "missing or wrong form token; reload the study page and try again")
     try:

@@ -10,7 +10,7 @@ from sqlalchemy import inspect
 from node.db import alembic_config, make_engine, migrate
 from node.schema import Base
 
-TABLES = {"studies", "series", "instances", "jobs", "results", "result_objects", "deliveries", "events"}
+TABLES = {"studies", "series", "instances", "jobs", "results", "result_objects", "deliveries", "events", "audit_log"}
 
 
 def test_migrations_match_the_models(database_url: str) -> None:

@@ -128,7 +128,7 @@ def test_show_has_the_contract_keys(sqlite_url: str, tmp_path: Path) -> None:
     study = make_study(tmp_path / "study", slices=1)
     receive(store, study.files)
     detail = show_study(readiness.sessions, study.study_instance_uid)
-    assert {"study_instance_uid", "state", "series", "jobs", "timeline", "result", "deliveries"} <= set(detail)
+    assert {"study_instance_uid", "state", "series", "jobs", "timeline", "result", "deliveries", "audit"} <= set(detail)
     assert {"series_instance_uid", "role", "role_reason", "instances"} <= set(detail["series"][0])
     assert [e["kind"] for e in detail["timeline"]][:2] == ["study_created", "series_added"]
 

@@ -25,6 +25,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node import retention
+from node.audit import AuditAction, entries
 from node.config import Settings, load_settings
 from node.db import make_engine, make_sessionmaker, migrate, transaction
 from node.retention import JOURNAL_DIR, PurgeReport, StudyFacts, apply_retention, finish_interrupted, keep_reason, purge
@@ -124,9 +125,8 @@ class Site:
                            for t in STUDY_ROWS)
             return rows + (session.scalar(select(func.count(ResultObject.id)).join(Result).where(Result.study_id == study_id)) or 0)
 
-    def purged_events(self) -> list[dict[str, Any]]:
-        with self.sessions() as session:
-            return [e.details for e in session.scalars(select(Event).where(Event.study_id.is_(None), Event.kind == "purged"))]
+    def purge_entries(self) -> list[dict[str, Any]]:
+        return list(entries(self.sessions, action=AuditAction.PURGE))
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "node.cli", "--config", str(self.config), *args],
@@ -195,7 +195,7 @@ def test_retention_purges_only_what_the_rule_allows(site_factory: Callable[..., 
     dry = purge(site.settings, site.sessions, retention.retention_policy(site.settings), dry_run=True)
     assert uids(dry) == gone and dry.bytes_freed == size_of_gone and dry.instances == 4 * 6
     assert {uid: r for uid, r in reasons(dry).items()}.keys() == kept.keys()
-    assert site.files() == before and all(site.rows_of(uid) for uid in gone) and site.purged_events() == []
+    assert site.files() == before and all(site.rows_of(uid) for uid in gone) and site.purge_entries() == []
 
     report = apply_retention(site.settings, site.sessions)
     assert uids(report) == gone and report.bytes_freed == size_of_gone and report.instances == 4 * 6
@@ -207,7 +207,7 @@ def test_retention_purges_only_what_the_rule_allows(site_factory: Callable[..., 
     assert site.files() == {p: s for p, s in before.items() if not any(uid in Path(p).parts for uid in gone)}
     for uid in (young, *kept):
         assert site.rows_of(uid) > 0 and site.files_of(uid)
-    assert {e["study_instance_uid"] for e in site.purged_events()} == gone
+    assert {e["study_instance_uid"] for e in site.purge_entries()} == gone
     assert not any((site.storage / JOURNAL_DIR).iterdir())
 
     again = apply_retention(site.settings, site.sessions)

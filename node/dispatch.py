@@ -1,7 +1,8 @@
 """The outbox: PENDING job rows go to the broker (Celery by task name) or to the embedded executor.
 
 Jobs are written to the database first and published afterwards, so a broker that is down only
-delays them: they stay PENDING and go out when it is back. A message carries nothing but the
+delays them: they stay PENDING and go out when it is back. A broker that restarted empty, or a
+node restarted, has QUEUED jobs published again at once. A message carries nothing but the
 job's id; the worker reads the rest from the database. Publishing twice is harmless, because a
 worker claims a job under its row lock (node.jobs). The Celery settings both sides must agree on
 live here, so the node publishes without importing the worker.
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
-from node.jobs import JobPolicy, due, mark_queued, reap, visibility_timeout_s
+from node.jobs import JobPolicy, due, mark_queued, reap, republish_queued, visibility_timeout_s
 from node.schema import JobKind
 
 LOGGER = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ class Publisher(Protocol):
 
     def publish(self, job_id: int, kind: JobKind) -> None: ...
 
+    def epoch(self) -> str | None:
+        """Names the life of whatever holds published messages (None: cannot tell now); when it
+        changes, messages published before may be lost."""
+
     def close(self) -> None: ...
 
 
@@ -71,6 +76,7 @@ class CeleryPublisher:
 
         self.app = Celery("spine-node-outbox", set_as_current=False)
         self.app.conf.update(celery_config(settings))
+        self._redis = _redis_client(settings.broker_url)
 
     def publish(self, job_id: int, kind: JobKind) -> None:
         try:
@@ -78,8 +84,20 @@ class CeleryPublisher:
         except Exception as exc:  # kombu raises OperationalError, or the socket's own error, when the broker is down
             raise PublishError(f"broker unreachable: {exc}") from exc
 
+    def epoch(self) -> str | None:
+        """The Redis server's ``run_id``: a new one means it restarted, and a Redis without
+        persistence restarts with empty queues."""
+        if self._redis is None:
+            return None
+        try:
+            return str(self._redis.info("server")["run_id"])
+        except Exception:  # redis-py's ConnectionError and TimeoutError: down, or not there yet
+            return None
+
     def close(self) -> None:
         self.app.close()
+        if self._redis is not None:
+            self._redis.close()
 
 
 class EmbeddedPublisher:
@@ -109,6 +127,10 @@ class EmbeddedPublisher:
             if self._done is not None:
                 self._done()
 
+    def epoch(self) -> str | None:
+        """This process: jobs queued in an earlier process's executor were lost with it."""
+        return f"embedded:{id(self)}"
+
     def close(self) -> None:
         """Wait for the running job; jobs not started stay QUEUED and are made PENDING at next start."""
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -121,9 +143,11 @@ class Outbox:
         self.policy = JobPolicy.from_settings(settings)
         self.sessions, self.publisher = sessions, publisher
         self._broker_down = False
+        self._epoch: str | None = None
 
     def run_once(self) -> int:
         """Publish what is due; return how many jobs went out."""
+        self._republish_if_lost()
         reap(self.sessions, self.policy)
         sent = 0
         for job_id, kind in due(self.sessions):
@@ -142,3 +166,23 @@ class Outbox:
             LOGGER.info("broker reachable again: jobs are being published")
             self._broker_down = False
         return sent
+
+    def _republish_if_lost(self) -> None:
+        """At start, and whenever the broker restarted, QUEUED jobs are published again at once
+        instead of waiting for the reaper's visibility timeout."""
+        epoch = self.publisher.epoch()
+        if epoch is None or epoch == self._epoch:
+            return
+        why = "published again: the broker restarted" if self._epoch else "published again at start"
+        self._epoch = epoch
+        if count := republish_queued(self.sessions, why):
+            LOGGER.warning("%d queued job(s) %s", count, why)
+
+
+def _redis_client(broker_url: str) -> Any:
+    """A Redis client on the broker for :meth:`CeleryPublisher.epoch`, or None for other brokers."""
+    if not broker_url.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    return redis.Redis.from_url(broker_url, socket_timeout=2, socket_connect_timeout=2)

@@ -241,11 +241,17 @@ def mark_queued(sessions: sessionmaker[Session], job_id: int) -> None:
         )
 
 
-def requeue_local(sessions: sessionmaker[Session]) -> int:
-    """Embedded mode at start: QUEUED jobs were in the last process's memory; make them PENDING."""
+def republish_queued(sessions: sessionmaker[Session], why: str) -> int:
+    """QUEUED jobs whose messages may be gone (the last process's embedded executor, a broker that
+    restarted empty) become PENDING, so they are published again; a copy that did survive is
+    harmless, since a worker claims a job only once."""
     with transaction(sessions) as session:
-        done = session.execute(update(Job).where(Job.state == JobState.QUEUED.value).values(state=JobState.PENDING.value))
-        return int(done.rowcount)  # type: ignore[attr-defined]
+        jobs = session.scalars(select(Job).where(Job.state == JobState.QUEUED.value).with_for_update()).all()
+        for job in jobs:
+            job.state = JobState.PENDING.value
+            session.add(Event(study_id=job.study_id, kind="job-republished", message=f"{job.kind} job {job.id}: {why}",
+                              details={"job_id": job.id}))
+        return len(jobs)
 
 
 def cancel_open_jobs(session: Session, study_id: int, kind: JobKind) -> None:

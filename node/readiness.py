@@ -25,6 +25,9 @@ from node.series import SeriesRole
 LOGGER = logging.getLogger(__name__)
 
 SAGITTAL_ROLES = frozenset({SeriesRole.T1_SAG, SeriesRole.T2_SAG, SeriesRole.STIR_SAG})
+#: How far in the future an arrival time may lie before it means the clock stepped back (the
+#: receiving processes and this one read the same clock, a moment apart).
+CLOCK_TOLERANCE = dt.timedelta(seconds=5)
 
 
 @dataclass(frozen=True)
@@ -62,21 +65,38 @@ class Readiness:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
         self.settings = settings
         self.sessions = sessions
+        self._stepped_back: dict[str, dt.datetime] = {}
 
     def check(self, now: dt.datetime | None = None) -> float | None:
         """Decide every study whose deadline has passed; return seconds to the next deadline."""
         now = now or utcnow()
         next_deadline: dt.datetime | None = None
-        for pending in self._pending():
+        pending_now = self._pending()
+        for pending in pending_now:
             quiet = dt.timedelta(seconds=self.settings.quiet_period_s)
             timeout = dt.timedelta(seconds=self.settings.study_timeout_s)
             missing = missing_roles(pending.roles)
-            deadline = pending.last_received_at + (timeout if missing else quiet)
+            deadline = self._last_arrival(pending, now) + (timeout if missing else quiet)
             if deadline > now:
                 next_deadline = min(deadline, next_deadline or deadline)
                 continue
             self._decide(pending, missing)
+        live = {f"{p.study_id}:{p.input_key}" for p in pending_now}
+        self._stepped_back = {key: at for key, at in self._stepped_back.items() if key in live}
         return None if next_deadline is None else max(0.0, (next_deadline - now).total_seconds())
+
+    def _last_arrival(self, pending: Pending, now: dt.datetime) -> dt.datetime:
+        """When the study's newest instance arrived; if that lies in the future, the wall clock
+        stepped back since, and the timers count from when this process first saw it instead
+        (else a study would wait as long as the step)."""
+        if pending.last_received_at <= now + CLOCK_TOLERANCE:
+            return pending.last_received_at
+        key = f"{pending.study_id}:{pending.input_key}"
+        if key not in self._stepped_back:
+            LOGGER.warning("study %s: its last instance is stamped %.0f s in the future (the clock stepped back); "
+                           "timers count from now", pending.study_instance_uid, (pending.last_received_at - now).total_seconds())
+            self._stepped_back[key] = now
+        return self._stepped_back[key]
 
     def _pending(self) -> list[Pending]:
         with reading(self.sessions) as session:

@@ -18,14 +18,13 @@ from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
 
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.exc import OperationalError
 
 from node.audit import local_actor, record_config
 from node.config import Settings
 from node.db import make_engine, make_sessionmaker, migrate
 from node.dispatch import CeleryPublisher, EmbeddedPublisher, Outbox, Publisher
 from node.handoff import Dispatcher, run_receiver
-from node.jobs import requeue_local
 from node.metrics import DatabaseCollector, Exposition, database_check
 from node.readiness import Readiness
 from node.retention import Retention
@@ -91,17 +90,27 @@ def _serve(settings: Settings, stop: threading.Event, started: threading.Event |
     readiness = Readiness(settings, sessions)
     retention = Retention(settings, sessions)
     wake = threading.Event()
-    publisher = _publisher(settings, sessions, run_job, wake)
+    publisher = _publisher(settings, run_job, wake)
     outbox = Outbox(settings, sessions, publisher)
     if started is not None:
         started.set()
     poll = max(0.05, min(settings.quiet_period_s, MAX_POLL_S))
+    database_lost = False
     try:
         while not stop.is_set():
             health.beat()
-            wait = readiness.check()
-            outbox.run_once()
-            retention.run_if_due()
+            try:
+                wait = readiness.check()
+                outbox.run_once()
+                retention.run_if_due()
+            except OperationalError as exc:  # the database is restarting or unreachable: go round again
+                if not database_lost:
+                    LOGGER.error("database unreachable; readiness and dispatch wait for it: %s", exc.orig)
+                database_lost, wait = True, poll
+            else:
+                if database_lost:
+                    LOGGER.info("database reachable again")
+                database_lost = False
             _check_alive(children)
             wake.wait(poll if wait is None else min(max(wait, 0.05), poll))
             wake.clear()
@@ -146,15 +155,12 @@ class NodeHealth:
         return f"exited: {', '.join(gone)}" if gone else "ok"
 
 
-def _publisher(settings: Settings, sessions: sessionmaker[Session], run_job: Callable[[int], object] | None,
-               wake: threading.Event) -> Publisher:
+def _publisher(settings: Settings, run_job: Callable[[int], object] | None, wake: threading.Event) -> Publisher:
     """Celery when a broker is configured; else the embedded executor, which wakes the loop when
     a job ends so the job it wrote (a delivery) goes out at once."""
     if settings.broker_url:
         return CeleryPublisher(settings)
     assert run_job is not None
-    if requeue_local(sessions):
-        LOGGER.info("jobs handed to the previous process's embedded worker are pending again")
     return EmbeddedPublisher(run_job, done=wake.set)
 
 

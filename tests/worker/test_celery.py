@@ -40,20 +40,10 @@ def _events(shown: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     return [e for e in shown["timeline"] if e["kind"] == kind]
 
 
-@pytest.fixture
-def production(node_factory: Callable[..., NodeProcess], postgres: Any, redis_server: RedisServer,
-               tmp_path: Path) -> Callable[..., tuple[NodeProcess, str]]:
-    """A node on PostgreSQL publishing to the test's Redis, with a short lease; returns it and its database URL."""
-
-    def start(**settings: Any) -> tuple[NodeProcess, str]:
-        url = postgres.create_database()
-        return node_factory(url, broker_url=redis_server.url, job_lease_s=3.0, quiet_period_s=0.5, **settings), url
-
-    return start
-
-
+@pytest.mark.faults
 def test_a_worker_killed_mid_grade_leaves_the_job_to_another(production: Callable[..., tuple[NodeProcess, str]],
-                                                             phantom_study: Path, tmp_path: Path, watch: Any) -> None:
+                                                             phantom_study: Path, tmp_path: Path, watch: Any,
+                                                             figure: Callable[..., None]) -> None:
     """SIGKILL the worker (and its pool process) while it grades: the lease lapses, the node
     returns the job, a second worker completes it, and there is exactly one result."""
     node, url = production()
@@ -81,11 +71,14 @@ def test_a_worker_killed_mid_grade_leaves_the_job_to_another(production: Callabl
     finally:
         second.stop()
     assert _results(study) == 1
+    figure("worker SIGKILL during grade", attempts=grade["attempts"], results=_results(study),
+           duplicate_messages_dropped=1, final_state=study.show()["state"])
 
 
+@pytest.mark.faults
 def test_studies_wait_in_the_database_while_the_broker_is_down(production: Callable[..., tuple[NodeProcess, str]],
                                                                redis_server: RedisServer, phantom_study: Path,
-                                                               tmp_path: Path, watch: Any) -> None:
+                                                               tmp_path: Path, watch: Any, figure: Callable[..., None]) -> None:
     """Redis stops while a study arrives: every instance is acknowledged and stored, the study is
     READY with its job PENDING; when Redis is back, the job goes out and a running worker grades it."""
     node, url = production()
@@ -101,8 +94,11 @@ def test_studies_wait_in_the_database_while_the_broker_is_down(production: Calla
         redis_server.start()
         shown = study.wait_state("GRADED", "FAILED", timeout=240)
         assert shown["state"] == "GRADED", shown["timeline"]
-        assert sum(s["instances"] for s in shown["series"]) == len(list(phantom_study.rglob("*.dcm")))
+        stored = sum(s["instances"] for s in shown["series"])
+        assert stored == len(list(phantom_study.rglob("*.dcm")))
         assert _results(study) == 1
+        figure("Redis stopped while a study arrives, then started", instances_acknowledged=stored, lost=0,
+               job_waited_in="database (PENDING)", results=_results(study))
     finally:
         worker.kill()
 

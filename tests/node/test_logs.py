@@ -1,12 +1,17 @@
-"""Logs: JSON lines with their fields, and never a patient's name, ID, birth date or accession
-number, in a real run that receives and grades a study carrying distinctive values."""
+"""Logs and privacy: JSON lines with their fields, and never a patient's name, ID, birth date or
+accession number in a log line, metric, status page or error message, in real runs (embedded,
+and the production shape with a Celery worker and a PACS) that receive, grade and deliver
+studies carrying distinctive values; the result objects keep the source's patient module."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +21,8 @@ import pytest
 from models.data.phantom import generate
 from node.admin import show_study
 from node.db import make_engine, make_sessionmaker
-from tests.support.services import NodeProcess, echo, store, wait_for
+from tests.support.orthanc import OrthancServer
+from tests.support.services import NodeProcess, WorkerProcess, echo, free_port, send_raw, store, wait_for
 
 #: Values no log line may hold; each is written into every instance of the studies sent.
 PATIENT_NAME = "Quuxworthy^Zebedee^Marmaduke"
@@ -114,3 +120,77 @@ def _shown(sessions: Any, uid: str) -> dict[str, Any] | None:
         return show_study(sessions, uid)
     except LookupError:
         return None
+
+
+def _get(url: str, password: str | None = None) -> str:
+    """GET a page of the node or worker (with the status page's Basic auth when given), as text."""
+    request = urllib.request.Request(url)
+    if password is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"admin:{password}".encode()).decode())
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.read().decode()
+
+
+@pytest.mark.postgres
+def test_no_patient_value_leaves_the_production_shape(production: Callable[..., tuple[NodeProcess, str]],
+                                                      orthancs: Callable[..., OrthancServer], identified_studies: list[Path],
+                                                      tmp_path: Path) -> None:
+    """Node on PostgreSQL, a Celery worker, Orthanc as the PACS, metrics and the status page on:
+    one identified study graded and delivered, one whose sagittal pixels are cut (FAILED, with its
+    error), a truncated instance refused, a caller refused. No patient value is in the node's or
+    the worker's log, their metrics and health checks, the status pages, ``studies``, ``show``,
+    ``audit``, or the error messages; the result objects in Orthanc carry the source's patient module."""
+    good_study, bad_study = identified_studies
+    for series in json.loads((bad_study / "truth.json").read_text())["series"]:
+        for path in (bad_study / series["folder"]).glob("*.dcm") if series["role"].endswith("_SAG") else ():
+            ds = pydicom.dcmread(path)
+            ds.PixelData = ds.PixelData[: len(ds.PixelData) // 4]
+            ds.save_as(path)
+    truncated = tmp_path / "truncated.dcm"
+    first = next(good_study.rglob("*.dcm"))
+    truncated.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    orthanc = orthancs().start()
+    password = "privacy-page-secret"
+    (tmp_path / "web-password").write_text(password + "\n")
+    ports = {"metrics_port": free_port(), "worker_metrics_port": free_port(), "web_port": free_port()}
+    node, url = production(log_format="json", log_level="DEBUG", job_max_attempts=1, delivery_retry_s=1.0,
+                           web_password_file=str(tmp_path / "web-password"),
+                           destinations=[{"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.port}], **ports)
+    worker = WorkerProcess(node.config, tmp_path / "worker.log").start()
+    try:
+        for study in identified_studies:
+            assert store(node.port, sorted(study.rglob("*.dcm"))).returncode == 0
+        assert send_raw(node.port, truncated) != 0
+        assert echo(node.port, called="WRONG").returncode != 0
+        good, bad = (str(json.loads((s / "truth.json").read_text())["study_instance_uid"]) for s in identified_studies)
+        wait_for(lambda: json.loads(node.cli("show", good, "--json").stdout)["state"] == "DELIVERED", 300, "delivery")
+        wait_for(lambda: json.loads(node.cli("show", bad, "--json").stdout)["state"] == "FAILED", 120, "the failure")
+        failed = json.loads(node.cli("show", bad, "--json").stdout)
+        assert failed["jobs"][0]["error"]
+        seen = {
+            "node log": node.log.read_text(),
+            "node metrics": _get(f"http://127.0.0.1:{ports['metrics_port']}/metrics"),
+            "node health": _get(f"http://127.0.0.1:{ports['metrics_port']}/healthz"),
+            "worker metrics": _get(f"http://127.0.0.1:{ports['worker_metrics_port']}/metrics"),
+            "worker health": _get(f"http://127.0.0.1:{ports['worker_metrics_port']}/healthz"),
+            "status pages": "".join(_get(f"http://127.0.0.1:{ports['web_port']}{page}", password)
+                                    for page in ("/", f"/studies/{good}", f"/studies/{bad}")),
+            "studies": node.cli("studies", "--json").stdout,
+            "show": node.cli("show", good).stdout + node.cli("show", bad, "--json").stdout,
+            "error messages": node.cli("requeue", bad, "--from-stage", "deliver", check=False).stderr
+                              + node.cli("show", "1.2.3.4", check=False).stderr,
+            "audit": node.cli("audit").stdout,
+        }
+    finally:
+        worker.stop()
+    seen["worker log"] = worker.log.read_text()
+    assert "graded" in seen["worker log"] and "spine_node_instances_received_total" in seen["node metrics"]
+    assert {where: [v for v in SECRETS if v in text] for where, text in seen.items() if any(v in text for v in SECRETS)} == {}
+
+    source = pydicom.dcmread(first, stop_before_pixels=True)
+    delivered = [pydicom.dcmread(BytesIO(orthanc.file(i["id"])), stop_before_pixels=True) for i in orthanc.instances_of(good)]
+    assert len(delivered) >= 3  # the SR, presentation states and key images: only ours are in this PACS
+    patient_module = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
+    for ds in delivered:
+        assert [ds.get(k) for k in patient_module] == [source.get(k) for k in patient_module]
+    assert str(source.PatientID) == PATIENT_ID

@@ -79,11 +79,25 @@ def associate(host: str, port: int, called_ae_title: str, calling_ae_title: str,
     except (OSError, ssl.SSLError) as exc:
         raise AssociationFailed(f"association with {called_ae_title}@{host}:{port} failed ({exc})") from exc
     if not assoc.is_established:
-        raise AssociationFailed(f"association with {called_ae_title}@{host}:{port} failed"
-                                f" ({'rejected' if assoc.is_rejected else 'aborted or unreachable'})")
+        why = "rejected" if assoc.is_rejected else (tls_failure(host, port, ssl_context) or "aborted or unreachable")
+        raise AssociationFailed(f"association with {called_ae_title}@{host}:{port} failed ({why})")
     if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
         assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return assoc
+
+
+def tls_failure(host: str, port: int, ssl_context: ssl.SSLContext | None) -> str | None:
+    """Why a TLS handshake with the peer fails (e.g. its certificate is not verified), or None.
+    pynetdicom only logs the reason; an operator needs it on the delivery row."""
+    if ssl_context is None:
+        return None
+    try:
+        with socket.create_connection((host, port), timeout=10) as raw, ssl_context.wrap_socket(raw, server_hostname=host):
+            return None
+    except ssl.SSLError as exc:
+        return f"TLS: {exc}"
+    except OSError:
+        return None
 
 
 def held_by_peer(assoc: Association, study_instance_uid: str, sop_instance_uids: Iterable[str]) -> set[str] | None:

@@ -18,9 +18,10 @@ ORTHANC = "/usr/sbin/Orthanc"
 class OrthancServer(ChildProcess):
     """One Orthanc process; ``stop``/``start`` keep its ports and storage (a PACS that is down)."""
 
-    def __init__(self, ae_title: str = "ORTHANC", lua: str | None = None, tls: tuple[Path, Path] | None = None) -> None:
+    def __init__(self, ae_title: str = "ORTHANC", lua: str | None = None, tls: tuple[Path, Path] | None = None,
+                 tls_ca: Path | None = None) -> None:
         """``lua``: a script for Orthanc's LuaScripts (filters); ``tls``: (key, certificate) for DICOM
-        TLS, the certificate also being the only trusted one, client certificates required."""
+        TLS, client certificates required and checked against ``tls_ca`` (default: the certificate itself)."""
         self.ae_title, self.port, self.http_port = ae_title, free_port(), free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="spine-node-orthanc-"))
         config: dict[str, Any] = {
@@ -32,9 +33,10 @@ class OrthancServer(ChildProcess):
         self.echo_extra: list[str] = []
         if tls is not None:
             key, cert = tls
+            trusted = tls_ca or cert
             config.update({"DicomTlsEnabled": True, "DicomTlsCertificate": str(cert), "DicomTlsPrivateKey": str(key),
-                           "DicomTlsTrustedCertificates": str(cert), "DicomTlsRemoteCertificateRequired": True})
-            self.echo_extra = ["+tls", str(key), str(cert), "+cf", str(cert)]
+                           "DicomTlsTrustedCertificates": str(trusted), "DicomTlsRemoteCertificateRequired": True})
+            self.echo_extra = ["+tls", str(key), str(cert), "+cf", str(trusted)]
         if lua is not None:
             (self.dir / "filter.lua").write_text(lua)
             config["LuaScripts"] = [str(self.dir / "filter.lua")]

@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps demo test faults bench-ingest bench-pipeline bench-latency clean
+.PHONY: install system-deps demo test faults bench-ingest bench-pipeline bench-latency soak clean
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ bench-pipeline: install
 
 bench-latency: install system-deps
 	$(BIN)/python -m bench.study_latency
+
+soak: install system-deps
+	$(BIN)/python -m bench.soak --minutes 10
 
 faults: install system-deps
 	$(BIN)/python -m pytest -m faults --faults-json bench/out/faults.json

@@ -44,7 +44,6 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -53,8 +52,8 @@ from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench.common import PHANTOM_DIR, busy_cpu_s, interrupt, own_cpu_s, render, rounded
 from bench.servers import Process, answers
-from models.data.phantom import generate
 from models.detect import DEFAULT_WEIGHTS, Detector
 from models.grade import DEFAULT_GRADER, GraderModel
 from node.admin import show_study
@@ -64,8 +63,6 @@ from node.schema import Instance, Job, JobState, Result, Study
 from tests.support.services import free_port, store, toml_text
 from worker.pipeline import analyse_folder
 
-OUT_DIR = Path(__file__).resolve().parent / "out" / "latency"
-SEED = 5050
 AE_TITLE = "SPINENODE"
 QUIET_S = 1.0
 GOAL_BEYOND_QUIET_S = 5.0
@@ -100,12 +97,6 @@ class Node:
     process: Process
     port: int
     sessions: sessionmaker[Session]
-
-
-def render(count: int) -> list[Path]:
-    """``count`` phantom study folders, rendered once (truth.json is written last) and reused."""
-    studies = sorted(p.parent for p in OUT_DIR.glob("study_*/truth.json"))[:count]
-    return studies if len(studies) == count else generate(OUT_DIR, count, SEED, progress=False, axial="single")
 
 
 def start_node(workdir: Path, threads: int, stack: ExitStack) -> Node:
@@ -233,31 +224,6 @@ def report(cold: dict[str, float], rows: list[dict[str, Any]], median: dict[str,
     console.print(table)
 
 
-def busy_cpu_s(cpus: list[int]) -> float:
-    """CPU-seconds these CPUs have been busy since boot (/proc/stat: all but idle and iowait; steal counts)."""
-    busy = 0
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, *fields = line.split()
-        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-            user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[:8])
-            busy += user + nice + system + irq + softirq + steal
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_s() -> float:
-    """CPU-seconds of this process and its ended children (the node once stopped, storescu, echoscu)."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
-
-
-def _rounded(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     """Render (once), run the node, time and print the tables; exit 1 if the goal is missed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -268,7 +234,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.runs < 1 or args.queue < 1:
         parser.error("need --runs >= 1 and --queue >= 1")
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     cpus = sorted(os.sched_getaffinity(0))[: args.threads]
     os.sched_setaffinity(0, cpus)  # children (node, storescu) inherit it
     torch.set_num_threads(args.threads)
@@ -277,7 +243,7 @@ def main() -> int:
     console = Console(width=160)
     try:
         with ExitStack() as stack:
-            workdir = Path(tempfile.mkdtemp(prefix="node-", dir=OUT_DIR))
+            workdir = Path(tempfile.mkdtemp(prefix="node-", dir=PHANTOM_DIR))
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
             node = start_node(workdir, args.threads, stack)
             cold, rows, models = latency(node, studies[: 1 + args.runs])
@@ -294,8 +260,8 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "threads": args.threads, "others_cpu_share": round(others, 3), "quiet_period_s": QUIET_S, "goal_beyond_quiet_s": GOAL_BEYOND_QUIET_S,
-            "latency": {"median": _rounded(median), "cold": _rounded(cold), "runs": [_rounded(r) for r in rows]},
-            "queue": {**_rounded(rate), "runs": [_rounded(r) for r in rate["runs"]]},
+            "latency": {"median": rounded(median), "cold": rounded(cold), "runs": [rounded(r) for r in rows]},
+            "queue": {**rounded(rate), "runs": [rounded(r) for r in rate["runs"]]},
         }, indent=1))
     return 0 if median["beyond_quiet"] < GOAL_BEYOND_QUIET_S else 1
 

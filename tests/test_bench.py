@@ -41,3 +41,17 @@ def test_study_latency_benchmark_smoke_run(tmp_path: Path) -> None:
     assert latency["cold"]["models"] > 0 and latency["median"]["quiet_wait"] >= written["quiet_period_s"]
     assert all(queue[k] > 0 for k in ("send_s", "seconds", "studies_per_min", "ack_to_result_median_s", "ack_to_result_max_s",
                                       "offline_studies_per_min", "vs_offline"))
+
+
+def test_soak_smoke_run(tmp_path: Path) -> None:
+    """The soak runs the production shape with two senders for 15 s: nothing lost, every study
+    graded once and delivered, and its JSON written."""
+    written = run_bench("soak", tmp_path, "--seconds", "15", "--senders", "2", "--backlog", "2")
+    instances, studies = written["instances"], written["studies"]
+    assert instances["lost"] == 0 and instances["refused"] == 0
+    assert instances["acknowledged"] == instances["indexed"] == instances["on_disk"] > 0
+    assert studies["sent"] >= 2 and studies["sent"] == studies["graded_once"] == studies["delivered"] and studies["graded_more"] == 0
+    assert all(written[k] > 0 for k in ("peak_associations", "instances_per_s", "studies_per_h", "ack_to_sr_p50_s", "ack_to_sr_p95_s"))
+    assert set(written["resources"]) == {"node", "worker"}
+    assert all({"start", "middle", "end", "rss_growth_share", "fds_growth", "flat"} <= set(r) for r in written["resources"].values())
+    assert all("not flat" in problem for problem in written["problems"])  # fifteen seconds say little about growth

@@ -24,6 +24,10 @@ from node.config import Settings
 _config.STORE_SEND_CHUNKED_DATASET = True
 
 
+#: Seconds a confirming C-FIND may wait for its reply (a PACS answers these at once).
+FIND_TIMEOUT_S = 5.0
+
+
 class AssociationFailed(ConnectionError):
     """The peer could not be reached, or rejected or aborted the association."""
 
@@ -103,17 +107,40 @@ def tls_failure(host: str, port: int, ssl_context: ssl.SSLContext | None) -> str
 def held_by_peer(assoc: Association, study_instance_uid: str, sop_instance_uids: Iterable[str]) -> set[str] | None:
     """Which of the instances the peer now holds, by C-FIND at IMAGE level (Study Root); None when
     the peer accepted no C-FIND context. A status 0x0000 alone does not prove storage: some PACS
-    answer success for instances they discard."""
+    answer success for instances they discard.
+
+    An instance not found is asked for a second time: pynetdicom (3.0) can drop the reply of a
+    peer that answers at once (about 1 in 100 against Orthanc, pynetdicom issue 875), and one
+    dropped reply must not make a stored object look discarded. A dropped final reply would
+    hold the association for the whole DIMSE timeout, so the queries get a short one.
+    """
     if not any(str(cx.abstract_syntax) == StudyRootFind for cx in assoc.accepted_contexts):
         return None
-    held = set()
-    for uid in sop_instance_uids:
-        query = Dataset()
-        query.QueryRetrieveLevel, query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = "IMAGE", study_instance_uid, "", uid
-        for status, identifier in assoc.send_c_find(query, StudyRootFind):
-            if "Status" in status and int(status.Status) in (0xFF00, 0xFF01) and identifier is not None:
-                held.add(str(identifier.get("SOPInstanceUID", "")))
+    wanted = list(sop_instance_uids)
+    held: set[str] = set()
+    previous, assoc.dimse_timeout = assoc.dimse_timeout, FIND_TIMEOUT_S
+    try:
+        for _ in range(2):
+            for uid in wanted:
+                if uid not in held and assoc.is_established:
+                    held |= _find_instance(assoc, study_instance_uid, uid)
+            if held >= set(wanted):
+                break
+    finally:
+        assoc.dimse_timeout = previous
     return held
+
+
+def _find_instance(assoc: Association, study_instance_uid: str, sop_instance_uid: str) -> set[str]:
+    """The SOP Instance UIDs one IMAGE-level C-FIND for ``sop_instance_uid`` returns."""
+    query = Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID, query.SeriesInstanceUID, query.SOPInstanceUID = (
+        "IMAGE", study_instance_uid, "", sop_instance_uid)
+    found = set()
+    for status, identifier in assoc.send_c_find(query, StudyRootFind):
+        if "Status" in status and int(status.Status) in (0xFF00, 0xFF01) and identifier is not None:
+            found.add(str(identifier.get("SOPInstanceUID", "")))
+    return found
 
 
 def client_ssl_context(settings: Settings) -> ssl.SSLContext:

@@ -85,7 +85,7 @@ def test_a_pacs_down_at_first_gets_the_results_when_it_returns(node_factory: Cal
     _send(node.port, phantom_study)
     study = watch(sqlite_url, _uid(phantom_study))
     shown = study.wait_state("GRADED", "DELIVERED", "FAILED", timeout=180)
-    wait_for(lambda: all(d["attempts"] >= 2 for d in study.show()["deliveries"]), 60, "two failed delivery attempts")
+    wait_for(lambda: (d := study.show()["deliveries"]) and all(x["attempts"] >= 2 for x in d), 60, "two failed delivery attempts")
     assert study.show()["state"] == "GRADED"
     deliveries = study.show()["deliveries"]
     assert all(d["state"] == "PENDING" and "failed" in d["last_status"] for d in deliveries)

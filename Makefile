@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps demo test faults bench-ingest bench-pipeline bench-latency soak clean
+.PHONY: install system-deps demo test faults bench-ingest bench-pipeline bench-latency soak fuzz clean
 
 install: $(STAMP)
 
@@ -36,6 +36,9 @@ bench-latency: install system-deps
 
 soak: install system-deps
 	$(BIN)/python -m bench.soak --minutes 10
+
+fuzz: install system-deps
+	$(BIN)/python -m bench.fuzz --minutes 10
 
 faults: install system-deps
 	$(BIN)/python -m pytest -m faults --faults-json bench/out/faults.json

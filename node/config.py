@@ -20,6 +20,9 @@ from pydantic_settings import (
 
 AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$")]
 
+#: Smallest max_pdu_size other than 0 (unlimited): dcmtk's lower bound, room for a command set.
+MIN_PDU_SIZE = 4096
+
 #: Default device UID of a node; every installation should set its own (README, Configuration).
 DEFAULT_DEVICE_UID = "2.25.275007925420094128946313392911826340931"
 
@@ -114,6 +117,8 @@ class Settings(BaseSettings):
     allowed_callers: list[Caller] = Field(default_factory=list, description="Calling AE title (+ host) allowlist: list of tables with ae_title and optional host; empty admits every caller.")
     max_associations: int = Field(16, ge=1, le=1000, description="Most simultaneous associations per receiver process.")
     receivers: int = Field(1, ge=1, le=64, description="Receiving processes; with more than one, the main process hands each connection to the least busy.")
+    max_pdu_size: int = Field(1048576, ge=0, le=2**32 - 1, description="Largest P-DATA-TF PDU (bytes) the SCP announces and accepts; a peer sending a longer one is aborted. 0 = unlimited (pynetdicom's meaning).")
+    max_instance_bytes: int = Field(2**30, ge=0, description="Largest instance (encoded dataset, bytes) accepted; a larger one gets 0xA700 and leaves nothing behind. 0 = unlimited.")
     quiet_period_s: float = Field(30.0, ge=0, description="Seconds without new instances before a complete study is READY.")
     study_timeout_s: float = Field(600.0, gt=0, description="Seconds after the last instance before an incomplete study is decided.")
     incomplete_policy: IncompletePolicy = Field(IncompletePolicy.GRADE_PARTIAL, description="At timeout with a role missing: grade what is there, or mark the study INCOMPLETE.")
@@ -141,6 +146,13 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("max_pdu_size")
+    @classmethod
+    def _pdu_holds_a_fragment(cls, value: int) -> int:
+        if 0 < value < MIN_PDU_SIZE:
+            raise ValueError(f"must be 0 (unlimited) or at least {MIN_PDU_SIZE} bytes")
+        return value
 
     @model_validator(mode="after")
     def _web_page_needs_a_password(self) -> "Settings":

@@ -3,7 +3,8 @@
 SO_REUSEPORT would let every process accept for itself, but the kernel spreads connections by a
 hash, and a PACS opens only a handful: four associations often land 3:1 or 4:0 on two processes.
 So the node's main process accepts, and passes each socket (SCM_RIGHTS) to the receiving process
-with the fewest open associations; each receiver reports back when an association ends.
+with the fewest open associations; each receiver reports back when a connection it was handed
+is closed, however its association ended (pynetdicom's own events miss some ways).
 """
 
 from __future__ import annotations
@@ -13,21 +14,19 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import cast
 
-from pynetdicom import evt
-from pynetdicom.events import Event
 from sqlalchemy import Engine
 
 from node.config import Settings
 from node.db import make_engine
 from node.logs import configure_logging
 from node.metrics import Refusal, refuse_association
-from node.scp import ReceiverServer, make_ae, make_ssl_context, scp_handlers
+from node.scp import ConnectionHandler, ReceiverServer, make_ae, make_ssl_context, scp_handlers
 from node.store import InstanceStore
 
 LOGGER = logging.getLogger(__name__)
@@ -77,13 +76,14 @@ class Dispatcher:
                 self._stopped.wait(0.1)
                 continue
             with conn:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 index = self._pick()
                 process, pipe = self.receivers[index]
                 try:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     reduction.send_handle(pipe, conn.fileno(), process.pid)
-                except OSError:  # the receiver is gone; the node stops on its next liveness check
+                except OSError:  # the receiver is gone (the node stops on its next liveness check)
                     LOGGER.exception("could not hand a connection to %s", process.name)
+                    self._ended(index)
                     continue
             LOGGER.info("connection from %s handed to %s", address[0], process.name)
 
@@ -103,14 +103,24 @@ class Dispatcher:
                 pipe.recv_bytes()
             except (EOFError, OSError):
                 return
-            with self._lock:
-                self.loads[index] = max(0, self.loads[index] - 1)
+            self._ended(index)
+
+    def _ended(self, index: int) -> None:
+        with self._lock:
+            self.loads[index] = max(0, self.loads[index] - 1)
 
 
 class HandoffServer(ReceiverServer):
     """A receiving server that listens on nothing: its connections arrive from the dispatcher."""
 
     accepts = False
+    #: Called when a connection handed over is closed (the dispatcher counts open ones).
+    on_end: Callable[[], None] | None = None
+
+    def connection_ended(self) -> None:
+        """Report the end of a connection, however its association ended."""
+        if self.on_end is not None:
+            self.on_end()
 
     def server_bind(self) -> None:
         """No socket of its own to bind."""
@@ -128,8 +138,25 @@ class HandoffServer(ReceiverServer):
                 refuse_association(Refusal.TLS_HANDSHAKE)
                 LOGGER.warning("TLS handshake with %s failed: %s", client_address[0], exc)
                 request.close()
+                self.connection_ended()
                 return
         super().process_request_thread(request, client_address)
+
+    def take(self, conn: socket.socket) -> None:
+        """Serve a connection handed over; one whose peer is already gone is closed and counted."""
+        try:
+            address = conn.getpeername()
+        except OSError:  # reset by the peer between the dispatcher's accept and now
+            LOGGER.info("a connection was reset by its peer before it could be served")
+            conn.close()
+            self.connection_ended()
+            return
+        try:
+            self.process_request(conn, address)
+        except Exception:  # e.g. no thread could be started: this connection fails, the next may not
+            LOGGER.exception("could not serve the connection from %s", address[0])
+            conn.close()
+            self.connection_ended()
 
 
 def run_receiver(settings: Settings, pipe: Connection, parent_pid: int) -> None:
@@ -149,16 +176,18 @@ def _serve_handoffs(settings: Settings, engine: Engine, pipe: Connection, parent
     store = InstanceStore(settings, engine)
     report = threading.Lock()
 
-    def ended(event: Event) -> None:
+    def ended() -> None:
         with report:
             pipe.send_bytes(ASSOCIATION_ENDED)
 
     server = cast(HandoffServer, make_ae(settings).make_server(
         (settings.host, 0),
-        evt_handlers=[*scp_handlers(settings, store), (evt.EVT_CONN_CLOSE, ended)],
+        evt_handlers=scp_handlers(settings, store),
         ssl_context=make_ssl_context(settings),
         server_class=HandoffServer,
+        request_handler=ConnectionHandler,
     ))
+    server.on_end = ended
 
     def take_handoffs() -> None:
         while not stop.is_set():
@@ -167,8 +196,7 @@ def _serve_handoffs(settings: Settings, engine: Engine, pipe: Connection, parent
             except (EOFError, OSError):
                 stop.set()  # the node's main process is gone
                 return
-            conn = socket.socket(fileno=fd)
-            server.process_request(conn, conn.getpeername())
+            server.take(socket.socket(fileno=fd))
 
     threading.Thread(target=take_handoffs, name="take-handoffs", daemon=True).start()
     while not stop.wait(1.0):

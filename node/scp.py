@@ -3,24 +3,32 @@
 The C-STORE handler only stores and records (:class:`~node.store.InstanceStore`); every
 error becomes a DICOM status here, in one place. Several receiving processes can share the
 port (node.handoff), since one Python process tops out at one core.
+
+Limits: ``max_associations`` per process (pynetdicom rejects the next one), ``max_pdu_size``
+(announced, and a longer PDU is aborted at its header by :class:`PDULimitedSocket`), and
+``max_instance_bytes`` (0xA700 before the dataset is decoded or copied).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import socketserver
 import ssl
+import struct
 import threading
 import time
 from typing import Any, cast
 
 from pydicom import Dataset
+from pydicom.errors import BytesLengthException
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
@@ -52,6 +60,19 @@ DATASET_DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
 PROCESSING_FAILURE = 0xC211
 
+#: What pydicom raises when a header element it is asked for cannot be converted (a wrong or
+#: unknown VR, a value of the wrong length): the instance cannot be understood.
+UNCONVERTIBLE = (EOFError, ValueError, KeyError, TypeError, OverflowError, NotImplementedError, struct.error,
+                 BytesLengthException)
+
+#: PDU types (PS3.8 9.3): P-DATA-TF is bounded by our maximum PDU length; the others by MAX_OTHER_PDU.
+P_DATA_TF = 0x04
+KNOWN_PDU_TYPES = frozenset(range(0x01, 0x08))
+#: Longest PDU of another type we read: an A-ASSOCIATE-RQ with all 128 presentation contexts and
+#: user identity is far below it; without a bound pynetdicom reads whatever length it is told.
+MAX_OTHER_PDU = 1 << 20
+PDU_HEADER = 6
+
 #: Our preference when a sender offers several syntaxes for one context (pynetdicom takes the
 #: first of ours that is offered). Lossless compressed first, so compressed instances are kept
 #: as they are; then Explicit VR Little Endian, so uncompressed ones are never transcoded;
@@ -62,12 +83,77 @@ TRANSFER_SYNTAXES = [*LOSSLESS_COMPRESSED, ExplicitVRLittleEndian] + [
 ] + [ImplicitVRLittleEndian]
 
 
+class PDUTooLong(Exception):
+    """A peer announced a PDU longer than we accept (not an OSError, so pynetdicom aborts)."""
+
+
+class PDULimitedSocket(AssociationSocket):
+    """An association socket that refuses a PDU longer than we accept, from its header alone.
+
+    pynetdicom reads the 6-byte header of each PDU, then as many bytes as the header says, up to
+    4 GiB, whatever maximum length we announced. Raising from the header read makes pynetdicom's
+    reactor send an A-ABORT and end the association before the body is read.
+    """
+
+    _body_next = False
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read as pynetdicom asks; check each PDU header against the limits."""
+        data = super().recv(nr_bytes)
+        if self._body_next or nr_bytes != PDU_HEADER or len(data) != PDU_HEADER:
+            self._body_next = False
+            return data
+        pdu_type, length = data[0], int.from_bytes(data[2:6], "big")
+        if pdu_type not in KNOWN_PDU_TYPES:
+            return data  # pynetdicom aborts on an unknown type without reading a body
+        limit = self.assoc.acceptor.maximum_length if pdu_type == P_DATA_TF else MAX_OTHER_PDU
+        if limit and length > limit:
+            LOGGER.warning("aborting the association from %s: a PDU of type 0x%02X of %d bytes, over %d",
+                           self.assoc.requestor.address, pdu_type, length, limit)
+            raise PDUTooLong(f"PDU of {length} bytes, over {limit}")
+        self._body_next = True  # pynetdicom reads the body next
+        return data
+
+
+class ConnectionHandler(RequestHandler):
+    """Serves one connection: its association reads through a PDULimitedSocket, and the
+    connection's thread lasts as long as the association, so the server knows when it ends
+    (pynetdicom's own events miss associations its reactor gives up on)."""
+
+    assoc: Association
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        # pynetdicom builds a plain AssociationSocket here and offers no factory to override;
+        # the subclass only adds a check to recv(), so the instance can take its class.
+        cast(AssociationSocket, assoc.dul.socket).__class__ = PDULimitedSocket
+        self.assoc = assoc
+        return assoc
+
+    def handle(self) -> None:
+        """Start the association and wait until it has ended."""
+        super().handle()
+        self.assoc.join()
+
+
 class ReceiverServer(ThreadedAssociationServer):
-    """An association server with Nagle off and a stop that drains running associations."""
+    """An association server with Nagle off, PDU limits, and a stop that drains running associations."""
 
     request_queue_size = 64
+    #: A connection's thread lasts as long as its association: not joined on close (stop() drains).
+    daemon_threads = True
     #: False for a server fed connections by another process (node.handoff): no accept loop runs.
     accepts = True
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:  # type: ignore[override]
+        """Serve one connection until its association ends, then call :meth:`connection_ended`."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connection_ended()
+
+    def connection_ended(self) -> None:
+        """A connection handed to this server is closed (node.handoff reports it)."""
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection and set TCP_NODELAY on it (about 10x faster on loopback); a failed
@@ -102,7 +188,8 @@ def handle_store(event: Event, store: InstanceStore) -> int | Dataset:
     """C-STORE: store the instance durably, then answer; every failure becomes a status."""
     calling = event.assoc.requestor.ae_title
     try:
-        ds = event.dataset
+        store.check_size(_received_size(event))
+        ds = _decode(event)
         _check_sop_class(ds, event.context.abstract_syntax)
         encoded = event.encoded_dataset()
         stored = store.store(ds, encoded, event.context.transfer_syntax, calling)
@@ -115,7 +202,7 @@ def handle_store(event: Event, store: InstanceStore) -> int | Dataset:
     except UndecodableInstance as exc:
         LOGGER.warning("refused instance from %s: %s", calling, exc)
         return _refuse(CANNOT_UNDERSTAND, str(exc))
-    except (EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
+    except UNCONVERTIBLE as exc:
         LOGGER.warning("refused undecodable instance from %s: %s", calling, type(exc).__name__)
         return _refuse(CANNOT_UNDERSTAND, f"dataset could not be decoded: {type(exc).__name__}")
     except Exception:
@@ -126,6 +213,21 @@ def handle_store(event: Event, store: InstanceStore) -> int | Dataset:
         LOGGER.info("new series %s in study %s", stored.identifiers.series_instance_uid,
                     stored.identifiers.study_instance_uid)
     return SUCCESS
+
+
+def _received_size(event: Event) -> int:
+    """Bytes of the dataset as received, measured on pynetdicom's buffer without copying it."""
+    with cast(io.BytesIO, cast(C_STORE, event.request).DataSet).getbuffer() as view:
+        return view.nbytes
+
+
+def _decode(event: Event) -> Dataset:
+    """The received dataset; whatever pydicom raises on malformed bytes (OSError, struct.error,
+    RecursionError on deep sequences, ...) becomes UndecodableInstance."""
+    try:
+        return event.dataset
+    except Exception as exc:
+        raise UndecodableInstance(f"dataset could not be decoded: {type(exc).__name__}") from exc
 
 
 def _count_received(transfer_syntax: str, size: int, duplicate: bool) -> None:
@@ -199,7 +301,7 @@ def make_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.require_called_aet = True
     ae.maximum_associations = settings.max_associations
-    ae.maximum_pdu_size = 0  # unlimited: the sender picks its largest PDU (dcmtk: 128 KiB)
+    ae.maximum_pdu_size = settings.max_pdu_size  # announced, and enforced by PDULimitedSocket
     ae.acse_timeout = 15  # a peer that connects and says nothing is dropped after this
     ae.network_timeout = 60
     ae.dimse_timeout = 60
@@ -241,6 +343,7 @@ def start_scp(settings: Settings, store: InstanceStore) -> ReceiverServer:
         evt_handlers=scp_handlers(settings, store),
         ssl_context=make_ssl_context(settings),
         server_class=ReceiverServer,
+        request_handler=ConnectionHandler,
     ))
     threading.Thread(target=server.serve_forever, name="scp-acceptor", daemon=True).start()
     LOGGER.info("listening as %s on %s:%d%s", settings.ae_title, *server.server_address[:2],

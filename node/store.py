@@ -115,6 +115,7 @@ class InstanceStore:
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.storage_dir = settings.storage_dir.resolve()
         self.min_free_bytes = settings.min_free_disk_mb * 1024 * 1024
+        self.max_instance_bytes = settings.max_instance_bytes
         self.device_uid = settings.device_uid
         self.engine = engine
         self.incoming_dir = self.storage_dir / INCOMING
@@ -126,6 +127,12 @@ class InstanceStore:
     def close(self) -> None:
         """Finish the commits under way; call before the process ends."""
         self._committer.close()
+
+    def check_size(self, size: int) -> None:
+        """Refuse (OutOfResources) an instance whose dataset of ``size`` bytes is over
+        ``max_instance_bytes``; the handler asks before decoding it or copying it."""
+        if self.max_instance_bytes and size > self.max_instance_bytes:
+            raise OutOfResources(errno.EFBIG, f"instance of {size} bytes is over max_instance_bytes ({self.max_instance_bytes})")
 
     def store(self, ds: Dataset, encoded: bytes, transfer_syntax_uid: str, calling_ae_title: str) -> Stored:
         """Store one received instance durably; return only once file and row are committed.
@@ -320,7 +327,8 @@ def check_complete(ds: Dataset) -> None:
     """
     if len(ds) == 0:
         raise UndecodableInstance("no data elements could be read (truncated or not DICOM)")
-    for elem in ds.elements():
+    for tag in ds.keys():
+        elem = ds.get_item(tag, keep_deferred=True)  # as read: converting it could fail on a bad VR
         if isinstance(elem, RawDataElement) and elem.value is not None and elem.length != 0xFFFFFFFF:
             if len(elem.value) != elem.length:
                 raise UndecodableInstance(f"dataset truncated in {elem.tag}: {len(elem.value)} of {elem.length} bytes")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from bench.fuzz import associate_rq, deep_sequence, join_elements, p_data, pdv, read_pdu, reset, split_elements
 from tests.support.dicomgen import make_study
 from tests.support.services import NodeProcess, dataset_bytes, echo, send_raw, store, wait_for
 
@@ -320,3 +322,72 @@ def test_a_dataset_of_another_sop_class_than_its_context_is_refused(node_factory
     assert send_raw(node.port, study.files[0]) == 0xA900
     assert_nothing_stored(node)
     assert "does not match the context" in (node.workdir / "node.log").read_text()
+
+
+# -- found by the fuzzing campaign (bench/fuzz.py) ------------------------------------------------
+
+
+def test_connections_reset_before_they_are_served_leave_both_receivers_serving(node_factory: NodeFactory,
+                                                                              sqlite_url: str) -> None:
+    """A peer that resets its connection before the receiving process takes it over once killed
+    that process's hand-off thread (getpeername failed): from then on it served nothing."""
+    node = node_factory(sqlite_url, receivers=2)
+    for _ in range(40):
+        with socket.create_connection(("127.0.0.1", node.port)) as sock:
+            reset(sock)
+    for _ in range(6):
+        assert echo(node.port, extra=["-ta", "10"]).returncode == 0
+    assert "Exception in thread" not in node.log.read_text()
+
+
+def test_connections_pynetdicom_gives_up_on_are_counted_as_ended(node_factory: NodeFactory, sqlite_url: str) -> None:
+    """A command set of noise kills pynetdicom's reactor without the events the dispatcher counted
+    on; the receiver still reports the connection's end, so new ones keep going to both."""
+    node = node_factory(sqlite_url, receivers=2)
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", node.port), timeout=30) as sock:
+            sock.sendall(associate_rq())
+            assert read_pdu(sock)[0] == 0x02
+            sock.sendall(p_data(pdv(1, 0x03, bytes(40))))
+            while sock.recv(4096):  # the node closes the connection
+                pass
+    handed = node.log.read_text().count("handed to")
+    for _ in range(4):
+        assert echo(node.port).returncode == 0
+    later = node.log.read_text().split("handed to")[handed + 1:]
+    assert sorted(entry.split()[0] for entry in later) == ["receiver-1", "receiver-1", "receiver-2", "receiver-2"]
+
+
+@pytest.mark.parametrize("depth", [3000, 2])
+def test_a_dataset_pydicom_cannot_read_gets_cannot_understand(node_factory: NodeFactory, sqlite_url: str,
+                                                              tmp_path: Path, depth: int) -> None:
+    """Sequences nested too deep for pydicom (RecursionError), or with an item cut short (OSError),
+    are undecodable: 0xC210 like any other, not the 0xC211 of an internal error."""
+    study = make_study(tmp_path / "study", roles=("T2_AX",), slices=1)
+    path = study.files[0]
+    data = path.read_bytes()
+    sequence = deep_sequence(random.Random(1), depth)
+    if depth == 2:
+        sequence = sequence[:-12]  # the innermost item ends inside an element's header
+    head = len(data) - len(dataset_bytes(path))
+    elements = split_elements(data[head:])
+    path.write_bytes(data[:head] + join_elements([e for e in elements if e[0] < 0x00081115]) + sequence
+                     + join_elements([e for e in elements if e[0] > 0x00081115]))
+    node = node_factory(sqlite_url)
+    assert send_raw(node.port, path) == 0xC210
+    assert_nothing_stored(node)
+
+
+@pytest.mark.parametrize(("tag", "vr"), [(0x00080018, b"QQ"), (0x00080016, b"FD")])
+def test_a_header_element_pydicom_cannot_convert_gets_cannot_understand(node_factory: NodeFactory, sqlite_url: str,
+                                                                        tmp_path: Path, tag: int, vr: bytes) -> None:
+    """An unknown VR (NotImplementedError) or a UID read as doubles (BytesLengthException) in an
+    element the node reads is undecodable input, not an internal error."""
+    path = make_study(tmp_path / "study", roles=("T2_AX",), slices=1).files[0]
+    data = path.read_bytes()
+    head = len(data) - len(dataset_bytes(path))
+    elements = [(t, vr if t == tag else v, value) for t, v, value in split_elements(data[head:])]
+    path.write_bytes(data[:head] + join_elements(elements))
+    node = node_factory(sqlite_url)
+    assert send_raw(node.port, path) == 0xC210
+    assert_nothing_stored(node)

@@ -118,12 +118,12 @@ class MaskQuotedValues(logging.Filter):
 
 def configure_logging(level: str, fmt: LogFormat | str = LogFormat.TEXT) -> None:
     """Log to stderr at ``level`` as text or JSON lines; pynetdicom's chatter (which may echo
-    headers) kept at WARNING. With JSON, uncaught exceptions are logged too, so every line of
-    the process's output is one JSON object."""
+    headers) kept at WARNING. Uncaught exceptions are logged too, in either format: so every
+    line is JSON with JSON, and a traceback quoting a header value is masked like any other."""
     handler = logging.StreamHandler()
+    _log_uncaught_exceptions()
     if LogFormat(fmt) is LogFormat.JSON:
         handler.setFormatter(JsonFormatter())
-        _log_uncaught_exceptions()
     else:
         handler.setFormatter(_ExtrasFormatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
     handler.addFilter(MaskQuotedValues())

@@ -80,7 +80,7 @@ from sqlalchemy import create_engine, select
 
 from node.schema import Instance
 from tests.support.dicomgen import make_study
-from tests.support.services import NodeProcess, dataset_bytes
+from tests.support.services import NodeProcess, children_of, dataset_bytes
 
 CALLED = "SPINENODE"
 CALLING = "FUZZ"
@@ -755,7 +755,7 @@ class Subject:
     def pids(self) -> list[int]:
         """The node's process and its receiving processes."""
         assert self.node.proc is not None
-        return [self.node.proc.pid, *_children(self.node.proc.pid)]
+        return [self.node.proc.pid, *children_of(self.node.proc.pid)]
 
     def crashed(self) -> str | None:
         """Why the node is not whole any more (it exits when a receiver dies), or None."""
@@ -799,20 +799,6 @@ class Subject:
             engine.dispose()
         files = {str(p.relative_to(self.storage)) for p in self.storage.rglob("*.dcm") if ".incoming" not in p.parts}
         return rows, files
-
-
-def _children(pid: int) -> list[int]:
-    """Process ids whose parent is ``pid``, multiprocessing's resource tracker excluded."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and b"resource_tracker" not in cmdline:
-            found.append(int(stat.parent.name))
-    return sorted(found)
 
 
 def _fd_kinds(pid: int, storage: Path, database: Path) -> Counter[str]:

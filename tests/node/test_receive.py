@@ -23,7 +23,7 @@ from pynetdicom.sop_class import Verification
 
 from bench.fuzz import associate_rq, deep_sequence, join_elements, p_data, pdv, read_pdu, reset, split_elements
 from tests.support.dicomgen import make_study
-from tests.support.services import NodeProcess, dataset_bytes, echo, send_raw, store, wait_for
+from tests.support.services import NodeProcess, children_of, dataset_bytes, echo, send_raw, store, wait_for
 
 NodeFactory = Callable[..., NodeProcess]
 
@@ -280,20 +280,6 @@ def test_a_dead_receiver_takes_the_node_down(node_factory: NodeFactory, sqlite_u
     os.kill(children[0], signal.SIGKILL)
     assert node.proc.wait(30) != 0
     assert "exited with -9; stopping the node" in (node.workdir / "node.log").read_text()
-
-
-def children_of(pid: int) -> list[int]:
-    """Process ids whose parent is ``pid`` (from /proc), multiprocessing's helper excluded."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and b"resource_tracker" not in cmdline:
-            found.append(int(stat.parent.name))
-    return found
 
 
 @pytest.mark.parametrize("receivers", [1, 2])

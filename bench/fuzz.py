@@ -65,7 +65,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from pydicom import Dataset, dcmread
@@ -78,6 +77,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import create_engine, select
 
+from bench.common import interrupt
 from node.schema import Instance
 from tests.support.dicomgen import make_study
 from tests.support.services import NodeProcess, children_of, dataset_bytes
@@ -947,6 +947,10 @@ def _final_checks(subject: Subject, ctx: Context, report: Report) -> None:
     report.orphans = sorted(files - set(rows.values()))
 
 
+#: How node.logs reports an exception that ended a thread (spine_node.uncaught, ERROR).
+UNCAUGHT_IN_THREAD = "uncaught exception in thread "
+
+
 def scan_log(log: Path) -> Counter[str]:
     """Tracebacks in the node's log, by the logger that wrote them (``pynetdicom.dul``,
     ``node.scp``) or the thread they ended (``thread take-handoffs``; pynetdicom's reactor
@@ -958,8 +962,9 @@ def scan_log(log: Path) -> Counter[str]:
     for at, line in enumerate(lines):
         if line[:4].isdigit() and len(line.split()) > 4:
             logger = line.split()[4].rstrip(":")
-        if line.startswith("Exception in thread"):
-            logger = "thread (pynetdicom reactor)" if "(run_reactor)" in line else f"thread {line.split()[3].rstrip(':')}"
+        if UNCAUGHT_IN_THREAD in line:  # node.logs routes a thread's uncaught exception here
+            thread = line.split(UNCAUGHT_IN_THREAD, 1)[1].strip()
+            logger = "thread (pynetdicom reactor)" if "(run_reactor)" in thread else f"thread {thread.split()[0]}"
         if line.startswith("Traceback (most recent call last)"):
             end = next((lines[i] for i in range(at + 1, len(lines)) if lines[i] and not lines[i].startswith(" ")), "?")
             problems[f"{logger}: {end.split(':')[0]}"] += 1
@@ -995,15 +1000,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM: raise KeyboardInterrupt, so the node is stopped on the way out."""
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one campaign, print its summary, optionally write the JSON; 1 if anything failed."""
     args = _parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="spine-node-fuzz-"))
     subject = Subject(workdir)
     subject.start()

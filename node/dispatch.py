@@ -1,8 +1,9 @@
 """The outbox: PENDING job rows go to the broker (Celery by task name) or to the embedded executor.
 
 Jobs are written to the database first and published afterwards, so a broker that is down only
-delays them: they stay PENDING and go out when it is back. A broker that restarted empty, or a
-node restarted, has QUEUED jobs published again at once. A message carries nothing but the
+delays them: they stay PENDING and go out when it is back. With a Redis broker (which reports
+its run_id), a broker that restarted empty, or a node restarted, has QUEUED jobs published again
+at once; with another broker they wait for the reaper's visibility timeout. A message carries nothing but the
 job's id; the worker reads the rest from the database. Publishing twice is harmless, because a
 worker claims a job under its row lock (node.jobs). The Celery settings both sides must agree on
 live here, so the node publishes without importing the worker.
@@ -174,9 +175,9 @@ class Outbox:
         if epoch is None or epoch == self._epoch:
             return
         why = "published again: the broker restarted" if self._epoch else "published again at start"
-        self._epoch = epoch
         if count := republish_queued(self.sessions, why):
             LOGGER.warning("%d queued job(s) %s", count, why)
+        self._epoch = epoch  # only once that committed: a database error means trying again next round
 
 
 def _redis_client(broker_url: str) -> Any:

@@ -32,6 +32,8 @@ from node.store import InstanceStore
 LOGGER = logging.getLogger(__name__)
 
 ASSOCIATION_ENDED = b"e"
+#: Seconds a caller has to finish its TLS handshake.
+HANDSHAKE_TIMEOUT_S = 15.0
 
 
 class Dispatcher:
@@ -133,7 +135,9 @@ class HandoffServer(ReceiverServer):
         ssl_context = self.ssl_context
         if ssl_context is not None:
             try:
+                request.settimeout(HANDSHAKE_TIMEOUT_S)  # a peer that never finishes the handshake
                 request = ssl_context.wrap_socket(request, server_side=True)
+                request.settimeout(None)
             except OSError as exc:
                 refuse_association(Refusal.TLS_HANDSHAKE)
                 LOGGER.warning("TLS handshake with %s failed: %s", client_address[0], exc)

@@ -16,13 +16,11 @@ import logging
 import socket
 import socketserver
 import ssl
-import struct
 import threading
 import time
 from typing import Any, cast
 
 from pydicom import Dataset
-from pydicom.errors import BytesLengthException
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
@@ -49,7 +47,7 @@ from node.metrics import (
     Refusal,
     refuse_association,
 )
-from node.store import InstanceStore, InvalidInstance, OutOfResources, UndecodableInstance
+from node.store import InstanceStore, InvalidInstance, OutOfResources, UndecodableInstance, header_text
 
 LOGGER = logging.getLogger(__name__)
 
@@ -59,11 +57,6 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
 PROCESSING_FAILURE = 0xC211
-
-#: What pydicom raises when a header element it is asked for cannot be converted (a wrong or
-#: unknown VR, a value of the wrong length): the instance cannot be understood.
-UNCONVERTIBLE = (EOFError, ValueError, KeyError, TypeError, OverflowError, NotImplementedError, struct.error,
-                 BytesLengthException)
 
 #: PDU types (PS3.8 9.3): P-DATA-TF is bounded by our maximum PDU length; the others by MAX_OTHER_PDU.
 P_DATA_TF = 0x04
@@ -140,8 +133,10 @@ class ReceiverServer(ThreadedAssociationServer):
     """An association server with Nagle off, PDU limits, and a stop that drains running associations."""
 
     request_queue_size = 64
-    #: A connection's thread lasts as long as its association: not joined on close (stop() drains).
+    #: A connection's thread lasts as long as its association: stop() drains and aborts them, and
+    #: server_close() does not join them (a peer stuck in a TLS handshake would hold it forever).
     daemon_threads = True
+    block_on_close = False
     #: False for a server fed connections by another process (node.handoff): no accept loop runs.
     accepts = True
 
@@ -202,9 +197,6 @@ def handle_store(event: Event, store: InstanceStore) -> int | Dataset:
     except UndecodableInstance as exc:
         LOGGER.warning("refused instance from %s: %s", calling, exc)
         return _refuse(CANNOT_UNDERSTAND, str(exc))
-    except UNCONVERTIBLE as exc:
-        LOGGER.warning("refused undecodable instance from %s: %s", calling, type(exc).__name__)
-        return _refuse(CANNOT_UNDERSTAND, f"dataset could not be decoded: {type(exc).__name__}")
     except Exception:
         LOGGER.exception("failed to store an instance from %s", calling)
         return _refuse(PROCESSING_FAILURE, "internal error while storing")
@@ -241,7 +233,7 @@ def _count_received(transfer_syntax: str, size: int, duplicate: bool) -> None:
 
 def _check_sop_class(ds: Dataset, abstract_syntax: str) -> None:
     """The dataset must be of the SOP class its presentation context was negotiated for."""
-    sop_class = str(ds.get("SOPClassUID", "") or "")
+    sop_class = header_text(ds, "SOPClassUID")
     if sop_class and sop_class != abstract_syntax:
         raise InvalidInstance(f"SOPClassUID {sop_class} does not match the context's {abstract_syntax}")
 

@@ -111,8 +111,9 @@ def held_by_peer(assoc: Association, study_instance_uid: str, sop_instance_uids:
 
     An instance not found is asked for a second time: pynetdicom (3.0) can drop the reply of a
     peer that answers at once (about 1 in 100 against Orthanc, pynetdicom issue 875), and one
-    dropped reply must not make a stored object look discarded. A dropped final reply would
-    hold the association for the whole DIMSE timeout, so the queries get a short one.
+    dropped reply must not make a stored object look discarded. A dropped final reply makes
+    pynetdicom wait out the DIMSE timeout (short here: a PACS answers these at once) and abort
+    the association: then nothing is confirmed, and AssociationFailed says so.
     """
     if not any(str(cx.abstract_syntax) == StudyRootFind for cx in assoc.accepted_contexts):
         return None
@@ -128,6 +129,8 @@ def held_by_peer(assoc: Association, study_instance_uid: str, sop_instance_uids:
                 break
     finally:
         assoc.dimse_timeout = previous
+    if not assoc.is_established:
+        raise AssociationFailed("the association ended during the C-FIND confirmation")
     return held
 
 
@@ -170,9 +173,11 @@ def echo(host: str, port: int, called_ae_title: str, calling_ae_title: str = "SP
 
 def send_one(assoc: Association, path: Path) -> Sent:
     """C-STORE one file on an open association; the peer's status, or why there is none."""
+    if not assoc.is_established:
+        return Sent(path, None, "the association has ended")
     try:
         status = assoc.send_c_store(path)
-    except (ValueError, AttributeError, OSError) as exc:
+    except (ValueError, AttributeError, OSError, RuntimeError) as exc:  # RuntimeError: aborted meanwhile
         return Sent(path, None, str(exc))
     if "Status" not in status:
         return Sent(path, None, "no response (association aborted or timed out)")

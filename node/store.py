@@ -11,12 +11,14 @@ import errno
 import logging
 import os
 import shutil
+import struct
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 from pydicom import Dataset
+from pydicom.errors import BytesLengthException
 from pydicom.dataelem import RawDataElement
 from pydicom.uid import UID
 from sqlalchemy import Connection, Engine, Table, insert, select, update
@@ -44,7 +46,22 @@ class UndecodableInstance(ValueError):
 
 
 class OutOfResources(OSError):
-    """The storage disk is at its free-space watermark (or full)."""
+    """The storage disk is at its free-space watermark (or full), or the database is unreachable."""
+
+
+#: What pydicom raises when a header element cannot be converted (a wrong or unknown VR, a value
+#: of the wrong length): the instance cannot be understood.
+UNCONVERTIBLE = (EOFError, ValueError, KeyError, TypeError, OverflowError, NotImplementedError, struct.error,
+                 BytesLengthException)
+
+
+def header_text(ds: Dataset, keyword: str) -> str:
+    """A header element's value as text ("" when absent); one pydicom cannot convert raises
+    UndecodableInstance."""
+    try:
+        return str(ds.get(keyword, "") or "").strip()
+    except UNCONVERTIBLE as exc:
+        raise UndecodableInstance(f"{keyword} could not be decoded: {type(exc).__name__}") from exc
 
 
 @dataclass(frozen=True)
@@ -61,7 +78,7 @@ class Identifiers:
         """Read and check the four UIDs; a missing or malformed one raises InvalidInstance."""
         values = {}
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-            value = str(ds.get(keyword, "") or "").strip()
+            value = header_text(ds, keyword)
             if not value:
                 raise InvalidInstance(f"{keyword} is missing")
             if not UID(value).is_valid:
@@ -162,10 +179,12 @@ class InstanceStore:
         try:
             stored = self._committer.submit(pending)
         except BaseException as exc:
-            if created and self._indexed_path(ids.sop_instance_uid) is None:
+            if created and self._indexed_path_or_none(ids.sop_instance_uid) is None:
                 path.unlink(missing_ok=True)
-            if isinstance(exc, OperationalError) and "disk is full" in str(exc.orig):
-                raise OutOfResources(errno.ENOSPC, "the database disk is full") from exc
+            if isinstance(exc, OperationalError):
+                full = "disk is full" in str(exc.orig)
+                raise OutOfResources(errno.ENOSPC if full else errno.EIO,
+                                     "the database disk is full" if full else "the database is unreachable") from exc
             raise
         if stored.duplicate and created and self._indexed_path(ids.sop_instance_uid) != str(relative):
             path.unlink(missing_ok=True)  # the same SOP Instance UID is indexed under another study or series
@@ -190,6 +209,14 @@ class InstanceStore:
     def _indexed_path(self, sop_instance_uid: str) -> str | None:
         with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
             return conn.scalar(select(INSTANCES.c.path).where(INSTANCES.c.sop_instance_uid == sop_instance_uid))
+
+    def _indexed_path_or_none(self, sop_instance_uid: str) -> str | None:
+        """:meth:`_indexed_path`, None when the database cannot be asked (the commit failed for
+        that reason: the instance is not acknowledged, and a resend writes its file again)."""
+        try:
+            return self._indexed_path(sop_instance_uid)
+        except OperationalError:
+            return None
 
     def _commit(self, batch: list[_Pending]) -> list[Stored]:
         """Make a batch durable: fsync each directory once, then one transaction for all rows.

@@ -15,8 +15,8 @@ def test_a_bounded_campaign_loses_and_leaks_nothing(tmp_path: Path) -> None:
     out = tmp_path / "fuzz.json"
     result = subprocess.run([sys.executable, "-m", "bench.fuzz", "--cases", "90", "--seed", "11", "--json", str(out)],
                             cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=280)
-    summary = json.loads(out.read_text())
     assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(out.read_text())
     assert summary["ok"] and summary["failures"] == []
     assert (summary["crashes"], summary["hung"], summary["lost"], summary["orphans"]) == (0, 0, [], [])
     assert (summary["fd_excess"], summary["temp_files"], summary["stop_exit_code"]) == ({}, [], 0)

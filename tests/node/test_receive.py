@@ -323,7 +323,7 @@ def test_connections_reset_before_they_are_served_leave_both_receivers_serving(n
             reset(sock)
     for _ in range(6):
         assert echo(node.port, extra=["-ta", "10"]).returncode == 0
-    assert "Exception in thread" not in node.log.read_text()
+    assert "uncaught exception in thread" not in node.log.read_text()
 
 
 def test_connections_pynetdicom_gives_up_on_are_counted_as_ended(node_factory: NodeFactory, sqlite_url: str) -> None:

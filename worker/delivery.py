@@ -156,7 +156,10 @@ class _Courier:
         sent = send_one(self.assoc, self.path_of[obj.sop_instance_uid])
         if not sent.ok or not self.peer.confirm:
             return Outcome(sent.ok, _status(sent))
-        held = held_by_peer(self.assoc, self.study_instance_uid, [obj.sop_instance_uid])
+        try:
+            held = held_by_peer(self.assoc, self.study_instance_uid, [obj.sop_instance_uid])
+        except AssociationFailed as exc:
+            return Outcome(False, f"{_status(sent)} but not confirmed: {exc}")
         if held is None:
             return Outcome(True, f"{_status(sent)} (not confirmed: the peer offers no C-FIND)")
         if obj.sop_instance_uid not in held:

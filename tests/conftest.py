@@ -14,10 +14,13 @@ from models.data.phantom import generate
 from node.admin import show_study
 from node.db import make_engine, make_sessionmaker
 from tests.support.orthanc import OrthancServer
-from tests.support.services import NodeProcess, PostgresCluster, RedisServer, wait_for
-
-#: Nothing listens on TCP port 1: publishing fails at once and jobs stay PENDING.
-UNREACHABLE_BROKER = "redis://127.0.0.1:1/0"
+from tests.support.services import (
+    UNREACHABLE_BROKER,
+    NodeProcess,
+    PostgresCluster,
+    RedisServer,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from node.db import make_engine, make_sessionmaker
 from node.schema import Instance, Job
 from tests.faults.conftest import holdings, study_uid
-from tests.support.services import NodeProcess, store, wait_for
+from tests.support.services import NodeProcess, events, store, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -77,11 +77,11 @@ def test_clock_stepping_forward_an_hour_during_grading(node_factory: Callable[..
 
     def lease_returned() -> bool:
         step_clock(sqlite_url, HOUR)  # again until the reaper sees it before the next renewal does
-        return any(e["kind"] == "grade-retry" for e in study.show()["timeline"])
+        return bool(events(study.show(), "grade-retry"))
 
     wait_for(lease_returned, 60, "the reaper to return the job")
     shown = study.wait_state("GRADED", "FAILED", timeout=240)
-    retry = [e for e in shown["timeline"] if e["kind"] == "grade-retry"]
+    retry = events(shown, "grade-retry")
     assert shown["state"] == "GRADED" and holdings(node).results() == 1
     assert "stopped renewing its lease" in retry[0]["message"] and shown["jobs"][0]["attempts"] == 2
     figure("clock stepped forward 1 h during grading", grade_attempts=shown["jobs"][0]["attempts"],

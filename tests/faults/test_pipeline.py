@@ -15,21 +15,15 @@ import pytest
 import redis
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
-    ComprehensiveSRStorage,
-    GrayscaleSoftcopyPresentationStateStorage,
-    SecondaryCaptureImageStorage,
+    ComprehensiveSRStorage, GrayscaleSoftcopyPresentationStateStorage, SecondaryCaptureImageStorage,
 )
 
 from tests.faults.conftest import holdings, study_uid
-from tests.support.services import NodeProcess, RedisServer, WorkerProcess, free_port, store, wait_for
+from tests.support.services import NodeProcess, RedisServer, WorkerProcess, events, free_port, store, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-
-
-def _events(shown: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-    return [e for e in shown["timeline"] if e["kind"] == kind]
 
 
 @pytest.fixture
@@ -58,14 +52,14 @@ def test_node_killed_with_its_job_in_the_broker(production: Callable[..., tuple[
     wait_for(lambda: [j["state"] for j in study.show()["jobs"]] == ["QUEUED"], 60, "the job to be handed to the broker")
     node.kill()
     node.start()
-    wait_for(lambda: _events(study.show(), "job-republished"), 30, "the restarted node to publish the job again")
+    wait_for(lambda: events(study.show(), "job-republished"), 30, "the restarted node to publish the job again")
     worker = workers(node)
     shown = study.wait_state("GRADED", "DELIVERED", "FAILED", timeout=240)
     assert shown["state"] == "GRADED", shown["timeline"]
     dropped = wait_for(lambda: worker.log.read_text().count("message dropped"), 60, "the second message to be dropped")
     results = holdings(node).results()
     assert results == 1 and shown["jobs"][0]["attempts"] == 1
-    figure("node SIGKILL during dispatch (job in the broker)", republished=len(_events(shown, "job-republished")),
+    figure("node SIGKILL during dispatch (job in the broker)", republished=len(events(shown, "job-republished")),
            messages_dropped=dropped, grade_attempts=shown["jobs"][0]["attempts"], results=results, final_state=shown["state"])
 
 
@@ -83,13 +77,13 @@ def test_redis_restarted_empty_with_a_job_queued(production: Callable[..., tuple
     redis_server.stop()
     redis_server.start()
     assert waiting == 1 and redis.Redis(port=redis_server.port).llen("grade") == 0  # the message is gone
-    wait_for(lambda: _events(study.show(), "job-republished"), 30, "the node to publish the job again")
+    wait_for(lambda: events(study.show(), "job-republished"), 30, "the node to publish the job again")
     wait_for(lambda: [j["state"] for j in study.show()["jobs"]] == ["QUEUED"], 30, "the job to be queued again")
     workers(node)
     shown = study.wait_state("GRADED", "DELIVERED", "FAILED", timeout=240)
     assert shown["state"] == "GRADED", shown["timeline"]
-    assert "the broker restarted" in _events(shown, "job-republished")[0]["message"]
-    figure("Redis restarted empty with a job queued", messages_lost=waiting, republished=len(_events(shown, "job-republished")),
+    assert "the broker restarted" in events(shown, "job-republished")[0]["message"]
+    figure("Redis restarted empty with a job queued", messages_lost=waiting, republished=len(events(shown, "job-republished")),
            results=holdings(node).results(), final_state=shown["state"])
 
 

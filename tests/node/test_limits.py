@@ -15,9 +15,9 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from bench.fuzz import announced_max_pdu, associate_rq, pdu, read_pdu
 from tests.support.dicomgen import make_study
 from tests.support.services import NodeProcess, echo, store
+from tests.support.wire import announced_max_pdu, associate_rq, pdu, read_pdu
 
 NodeFactory = Callable[..., NodeProcess]
 

@@ -21,9 +21,9 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from bench.fuzz import associate_rq, deep_sequence, join_elements, p_data, pdv, read_pdu, reset, split_elements
 from tests.support.dicomgen import make_study
 from tests.support.services import NodeProcess, children_of, dataset_bytes, echo, send_raw, store, wait_for
+from tests.support.wire import associate_rq, deep_sequence, join_elements, p_data, pdv, read_pdu, reset, split_elements
 
 NodeFactory = Callable[..., NodeProcess]
 

@@ -26,6 +26,8 @@ from pynetdicom import AE, _config
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+#: Nothing listens on TCP port 1: publishing fails at once and jobs stay PENDING.
+UNREACHABLE_BROKER = "redis://127.0.0.1:1/0"
 
 
 def free_port() -> int:
@@ -47,6 +49,11 @@ def children_of(pid: int) -> list[int]:
         if int(fields[1]) == pid and b"resource_tracker" not in cmdline:
             found.append(int(stat.parent.name))
     return sorted(found)
+
+
+def events(shown: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    """The events of one kind in a study's timeline, as ``show --json`` gives it."""
+    return [e for e in shown["timeline"] if e["kind"] == kind]
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:

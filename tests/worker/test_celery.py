@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from node.config import load_settings
 from node.dispatch import CeleryPublisher
 from node.schema import JobKind, Result
-from tests.support.services import NodeProcess, RedisServer, WorkerProcess, store, wait_for
+from tests.support.services import NodeProcess, RedisServer, WorkerProcess, events, store, wait_for
 
 pytestmark = pytest.mark.postgres
 
@@ -34,10 +34,6 @@ def _uid(study: Path) -> str:
 def _results(watch: Any) -> int:
     with watch.sessions() as session:
         return int(session.scalar(select(func.count(Result.id))) or 0)
-
-
-def _events(shown: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-    return [e for e in shown["timeline"] if e["kind"] == kind]
 
 
 @pytest.mark.faults
@@ -61,7 +57,7 @@ def test_a_worker_killed_mid_grade_leaves_the_job_to_another(production: Callabl
         assert shown["state"] == "GRADED", shown["timeline"]
         grade = shown["jobs"][0]
         assert grade["state"] == "DONE" and grade["attempts"] == 2
-        assert any("stopped renewing its lease" in e["message"] for e in _events(shown, "grade-retry"))
+        assert any("stopped renewing its lease" in e["message"] for e in events(shown, "grade-retry"))
         assert _results(study) == 1
         wait_for(lambda: [j["state"] for j in study.show()["jobs"]] == ["DONE", "DONE"], 60, "the delivery job")
         publisher = CeleryPublisher(load_settings(node.config))  # the killed worker's message, delivered again

@@ -81,8 +81,8 @@ from node.schema import Instance
 from tests.support.dicomgen import make_study
 from tests.support.services import UNREACHABLE_BROKER, NodeProcess, children_of, dataset_bytes
 from tests.support.wire import (
-    CALLED, CALLING, LONG_VRS, associate_rq, deep_sequence, element, join_elements, p_data, pdu, pdv, read_pdu,
-    reset, response_status, split_elements, store_command, store_pdus,
+    CALLED, CALLING, LONG_VRS, PDU_NAMES, associate_rq, deep_sequence, element, finish, join_elements, p_data, pdu,
+    pdv, read_pdu, reset, response_status, split_elements, store_command, store_pdus,
 )
 
 #: What the fuzzed node announces and enforces: low, so the campaign crosses both cheaply.
@@ -96,7 +96,6 @@ FDS_PER_SQLITE_CONNECTION = 3
 CHECK_EVERY_S = 30.0
 FAMILIES = ("pdu", "vanish", "dataset")
 
-PDU_NAMES = {1: "rq", 2: "ac", 3: "rj", 4: "data", 5: "release-rq", 6: "release-rp", 7: "abort"}
 VRS = [b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB", b"OW", b"PN",
        b"SH", b"SL", b"SQ", b"SS", b"ST", b"TM", b"UI", b"UL", b"UN", b"US", b"UT", b"UC", b"UR", b"OV", b"SV"]
 UID_TAGS = {"StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E, "SOPInstanceUID": 0x00080018,
@@ -126,46 +125,6 @@ def send(sock: socket.socket, data: bytes) -> bool:
         return True
     except OSError:
         return False
-
-
-def finish(sock: socket.socket) -> str:
-    """Stop sending and read until the node closes or aborts (after an A-ABORT the requestor is
-    the one to close, PS3.8 9.1.4): the PDUs it answered with, ``closed`` if none, ``hung`` if it
-    does neither for HANG_S."""
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-    received, deadline = bytearray(), time.monotonic() + HANG_S
-    while not _ends_with_abort(bytes(received)):
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            return "hung"
-        except OSError:
-            break
-        if not chunk:
-            break
-        received += chunk
-    return _pdu_names(bytes(received)) or "closed"
-
-
-def _ends_with_abort(data: bytes) -> bool:
-    """True if ``data`` ends with a whole A-ABORT PDU."""
-    return len(data) >= 10 and data[-10:-4] == b"\x07\x00\x00\x00\x00\x04"
-
-
-def _pdu_names(data: bytes) -> str:
-    names: list[str] = []
-    at = 0
-    while at + 6 <= len(data):
-        pdu_type, _, length = struct.unpack(">BBL", data[at:at + 6])
-        name = PDU_NAMES.get(pdu_type, "unknown")
-        if not names or names[-1] != name:
-            names.append(name)
-        at += 6 + length
-    return "+".join(names)
 
 
 def establish(sock: socket.socket, max_pdu: int = 0) -> bool:
@@ -394,7 +353,7 @@ def pdu_garbage(rng: random.Random, ctx: Context) -> str:
     with connect(ctx.port) as sock:
         lead = bytes([rng.choice([1, 4, 7, 0, 0xFF])]) if rng.random() < 0.5 else b""
         send(sock, lead + bytes(rng.randrange(256) for _ in range(rng.choice([1, 5, 6, 100, 8192]))))
-        return finish(sock)
+        return finish(sock, HANG_S)
 
 
 def pdu_random_type(rng: random.Random, ctx: Context) -> str:
@@ -403,7 +362,7 @@ def pdu_random_type(rng: random.Random, ctx: Context) -> str:
     length = rng.choice([None, 0, max(0, len(body) - 3), len(body) + 1000, 0xFFFFFFFF, 0x7FFFFFFF])
     with connect(ctx.port) as sock:
         send(sock, pdu(rng.randrange(256) if rng.random() < 0.5 else rng.randrange(1, 8), body, length))
-        return finish(sock)
+        return finish(sock, HANG_S)
 
 
 def pdu_truncated_rq(rng: random.Random, ctx: Context) -> str:
@@ -411,7 +370,7 @@ def pdu_truncated_rq(rng: random.Random, ctx: Context) -> str:
     rq = associate_rq()
     with connect(ctx.port) as sock:
         send(sock, rq[:rng.randrange(1, len(rq))])
-        return finish(sock)
+        return finish(sock, HANG_S)
 
 
 def pdu_mutated_rq(rng: random.Random, ctx: Context) -> str:
@@ -431,7 +390,7 @@ def pdu_mutated_rq(rng: random.Random, ctx: Context) -> str:
         data = associate_rq(max_pdu=rng.choice([1, 2, 6, 0xFFFFFFFF]))
     with connect(ctx.port) as sock:
         send(sock, data)
-        return finish(sock)
+        return finish(sock, HANG_S)
 
 
 def pdu_garbage_after_association(rng: random.Random, ctx: Context) -> str:
@@ -439,7 +398,7 @@ def pdu_garbage_after_association(rng: random.Random, ctx: Context) -> str:
     with connect(ctx.port) as sock:
         establish(sock)
         send(sock, bytes(rng.randrange(256) for _ in range(rng.choice([1, 6, 50, 5000]))))
-        return "ac+" + finish(sock)
+        return "ac+" + finish(sock, HANG_S)
 
 
 def pdu_bad_pdv(rng: random.Random, ctx: Context) -> str:
@@ -460,7 +419,7 @@ def pdu_bad_pdv(rng: random.Random, ctx: Context) -> str:
     with connect(ctx.port) as sock:
         establish(sock)
         send(sock, bad)
-        return "ac+" + finish(sock)
+        return "ac+" + finish(sock, HANG_S)
 
 
 def pdu_odd_release(rng: random.Random, ctx: Context) -> str:
@@ -479,7 +438,7 @@ def pdu_odd_release(rng: random.Random, ctx: Context) -> str:
     with connect(ctx.port) as sock:
         establish(sock)
         send(sock, data)
-        return "ac+" + finish(sock)
+        return "ac+" + finish(sock, HANG_S)
 
 
 def pdu_oversized(rng: random.Random, ctx: Context) -> str:
@@ -489,7 +448,7 @@ def pdu_oversized(rng: random.Random, ctx: Context) -> str:
         establish(sock)
         body = bytes(min(length, MAX_PDU * 4)) if rng.random() < 0.5 else b""
         send(sock, struct.pack(">BBL", 4, 0, length) + body)
-        return "ac+" + finish(sock)
+        return "ac+" + finish(sock, HANG_S)
 
 
 def pdu_fragmented_store(rng: random.Random, ctx: Context) -> str:
@@ -504,7 +463,7 @@ def pdu_fragmented_store(rng: random.Random, ctx: Context) -> str:
         reply_type, body = read_pdu(sock)
         status = response_status(body) if reply_type == 0x04 else None
         send(sock, pdu(0x05, bytes(4)))
-        finish(sock)
+        finish(sock, HANG_S)
     if status == 0:
         ctx.acknowledged[ds.SOPInstanceUID] = hashlib.sha256(dataset).hexdigest()
     return f"0x{status:04X}" if status is not None else PDU_NAMES.get(reply_type, "closed")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import socket
 import struct
+import time
 
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
@@ -14,6 +15,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 CALLED = "SPINENODE"
 CALLING = "FUZZ"
+PDU_NAMES = {1: "rq", 2: "ac", 3: "rj", 4: "data", 5: "release-rq", 6: "release-rp", 7: "abort"}
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 
@@ -115,6 +117,45 @@ def reset(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
 
+
+def finish(sock: socket.socket, timeout: float) -> str:
+    """Stop sending and read until the node closes or aborts (after an A-ABORT the requestor is
+    the one to close, PS3.8 9.1.4): the PDUs it answered with, ``closed`` if none, ``hung`` if it
+    does neither within ``timeout`` seconds."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    received, deadline = bytearray(), time.monotonic() + timeout
+    while not _ends_with_abort(bytes(received)):
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            return "hung"
+        except OSError:
+            break
+        if not chunk:
+            break
+        received += chunk
+    return _pdu_names(bytes(received)) or "closed"
+
+
+def _ends_with_abort(data: bytes) -> bool:
+    """True if ``data`` ends with a whole A-ABORT PDU."""
+    return len(data) >= 10 and data[-10:-4] == b"\x07\x00\x00\x00\x00\x04"
+
+
+def _pdu_names(data: bytes) -> str:
+    names: list[str] = []
+    at = 0
+    while at + 6 <= len(data):
+        pdu_type, _, length = struct.unpack(">BBL", data[at:at + 6])
+        name = PDU_NAMES.get(pdu_type, "unknown")
+        if not names or names[-1] != name:
+            names.append(name)
+        at += 6 + length
+    return "+".join(names)
 
 def element(tag: int, vr: bytes, value: bytes, length: int | None = None) -> bytes:
     """One Explicit VR Little Endian element; ``length`` overrides the declared length."""

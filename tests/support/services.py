@@ -214,7 +214,8 @@ class NodeProcess(ChildProcess):
         return result
 
     def start(self) -> NodeProcess:
-        """Start serving and wait until C-ECHO succeeds."""
+        """Start serving and wait until C-ECHO succeeds; a node that never answers is killed, so
+        a failed start (echoscu missing, say) leaves no server running after the tests."""
         self.spawn([sys.executable, "-m", "node.cli", "--config", str(self.config), "serve"], self.log)
 
         def answering() -> bool:
@@ -222,7 +223,12 @@ class NodeProcess(ChildProcess):
                 raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log.read_text()}")
             return echo(self.port, calling=self.echo_as, extra=self.echo_extra).returncode == 0
 
-        wait_for(answering, 60, "the node to answer C-ECHO")
+        try:
+            wait_for(answering, 60, "the node to answer C-ECHO")
+        except BaseException:
+            if self.proc is not None and self.proc.poll() is None:
+                self.kill()
+            raise
         return self
 
     def stop(self) -> int:

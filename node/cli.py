@@ -135,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--preset", choices=["paper", "cpu"], default="paper", help="paper's configuration (default) or the small CPU one")
     cmd.add_argument("--epochs", type=int, help="override the preset's epochs")
     cmd.add_argument("--batch", type=int, help="override the preset's batch size")
+    cmd.add_argument("--size", type=_slice_size, help="slice size fed to the encoder, HxW (override the preset's; crops are 112x224)")
     cmd.add_argument("--seed", type=int, help="seed of the split, the initialisation and the augmentations (default 0)")
     cmd.add_argument("--inputs", help="volumes used, comma separated among T1_SAG,T2_SAG,T2_AX (Table 2 rows 2-7; default all)")
     cmd.add_argument("--aggregate", choices=["transformer", "attention"], help="attention: the paper's single-sequence baselines (rows 2-4)")
@@ -303,10 +304,21 @@ def _evaluate_detector(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _slice_size(text: str) -> tuple[int, int]:
+    """``HxW`` as a pair of positive integers (argparse type)."""
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HxW, e.g. 112x224") from None
+    if height < 16 or width < 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: both sides must be at least 16 pixels")
+    return height, width
+
+
 def _train(settings: Settings, args: argparse.Namespace) -> int:
     from models.grader_card import SLOT_NAMES, train_and_card
 
-    overrides: dict[str, Any] = {k: v for k, v in (("epochs", args.epochs), ("batch", args.batch), ("seed", args.seed)) if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in (("epochs", args.epochs), ("batch", args.batch), ("size", args.size), ("seed", args.seed)) if v is not None}
     if args.inputs:
         unknown = set(args.inputs.split(",")) - set(SLOT_NAMES)
         if unknown:

@@ -102,12 +102,13 @@ def test_training_learns_selects_and_resumes(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A grader trained for one epoch by the command line on six phantom studies."""
+    """A grader trained for one epoch by the command line on six phantom studies, at a slice size
+    other than the preset's."""
     base = tmp_path_factory.mktemp("train")
     generate(base / "data", 6, 31, rsna=True, progress=False)
     out = base / "weights" / "grader.safetensors"
     result = subprocess.run([sys.executable, "-m", "node.cli", "train", "--data", str(base / "data" / "rsna"), "--cache", str(base / "cache"),
-                             "--workdir", str(base / "work"), "--out", str(out), "--preset", "cpu", "--epochs", "1", "--workers", "1", "--device", "cpu"],
+                             "--workdir", str(base / "work"), "--out", str(out), "--preset", "cpu", "--epochs", "1", "--size", "48x96", "--workers", "1", "--device", "cpu"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -115,10 +116,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_train_command_writes_weights_card_report_and_figures(trained: Path) -> None:
     """fp16 weights whose hash is on their card, a test report with every Table 2 condition, the
-    ROC and reliability figures, and the not-for-diagnostic-use line."""
+    ROC and reliability figures, and the not-for-diagnostic-use line; the preset's width, the
+    overridden slice size, both on the card."""
     grader = GraderModel.load(trained)
-    assert grader.model.config.width == 16 and grader.train_config.size == (56, 112)
+    assert grader.model.config.width == 16 and grader.train_config.size == (48, 96)
     card = trained.with_suffix(".md").read_text()
+    assert "slices resized to 48x96" in card
     assert grader.sha256 in card and "Not for diagnostic use" in card and "synthetic phantoms" in card and "| SCS | L-NFN |" in card.replace("model ", "")
     report = json.loads((trained.parent / "grader-report.json").read_text())
     assert set(report["conditions"]) == set(CONDITIONS)
@@ -126,6 +129,14 @@ def test_train_command_writes_weights_card_report_and_figures(trained: Path) -> 
     assert all(0 < t["temperature"] <= 100 for t in report["conditions"].values())
     figures = {p.name for p in (trained.parent / "grader-figures").iterdir()}
     assert "roc_severe.png" in figures and "reliability_spinal_canal_stenosis.png" in figures
+
+
+@pytest.mark.parametrize("size", ["112", "12x3", "axb"])
+def test_a_bad_slice_size_is_refused_by_name(size: str, tmp_path: Path) -> None:
+    """``--size`` must be HxW with both sides at least 16 pixels; anything else stops at once."""
+    result = subprocess.run([sys.executable, "-m", "node.cli", "train", "--data", str(tmp_path), "--size", size],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "argument --size" in result.stderr
 
 
 def test_weights_not_on_their_card_are_refused(trained: Path, tmp_path: Path) -> None:

@@ -2,9 +2,10 @@
 
 Reports, over every level of every study: the distance between detected and true disc centres
 (median, 95th percentile, max), the disc-plane angle error, the share of studies with all five
-levels found and each nearer its own true centre than any other level's (level assignment), and
-the share of levels whose axial crop contains the true disc centre. Roles come from the
-phantom's truth, so this measures the models alone. ``twins`` re-renders studies with another
+levels found and each nearer its own true centre than any other level's (level assignment), the
+share of levels whose axial crop contains the true disc centre, and, per view and condition, the
+share of crops that contain the point where the condition is measured (what each view can show
+the grader at all). Roles come from the phantom's truth, so this measures the models alone. ``twins`` re-renders studies with another
 encoding or acquisition and compares their crops with the plain ones.
 """
 
@@ -65,6 +66,11 @@ def _contains(crop_box: Any, point: np.ndarray) -> bool:
     return bool(np.all(idx >= -0.5) and np.all(idx <= np.asarray(crop_box.shape) - 0.5))
 
 
+def _family(condition: str) -> str:
+    """A condition without its side: the foramina and the subarticular recesses pool both."""
+    return condition.removeprefix("left_").removeprefix("right_")
+
+
 def _percentiles(values: list[float]) -> dict[str, float | None]:
     """Median, 95th percentile and max, rounded (None when there are no values)."""
     if not values:
@@ -81,6 +87,7 @@ def evaluate(study_dirs: Sequence[Path], detector: Detector, progress: bool = Tr
         scored.append(_Scored(truth, analyse_volumes(volumes, detector)))
     distances, angles, axial_hits, axial_total = [], [], 0, 0
     all_right = 0
+    shown: dict[str, dict[str, list[bool]]] = {"sagittal": {}, "axial": {}}
     for s in scored:
         truth_centres = {lv: np.array(s.truth["levels"][lv]["center"]) for lv in LEVELS}
         right = len(s.analysis.discs) == len(LEVELS)
@@ -94,6 +101,8 @@ def evaluate(study_dirs: Sequence[Path], detector: Detector, progress: bool = Tr
             if crop.view == "axial":
                 axial_total += 1
                 axial_hits += _contains(crop.box, truth_centres[crop.level])
+            for condition, found in s.truth["levels"][crop.level]["conditions"].items():
+                shown[crop.view].setdefault(_family(condition), []).append(_contains(crop.box, np.asarray(found["point"])))
         all_right += right
     expected_axial = sum(len(LEVELS) for s in scored if any(x["role"] == "T2_AX" for x in s.truth["series"]))
     return {
@@ -105,6 +114,7 @@ def evaluate(study_dirs: Sequence[Path], detector: Detector, progress: bool = Tr
         "axial_crops": axial_total,
         "axial_crops_expected": expected_axial,
         "axial_crops_containing_centre": round(axial_hits / max(axial_total, 1), 4),
+        "crops_containing_condition_point": {view: {c: round(float(np.mean(hits)), 4) for c, hits in by.items()} for view, by in shown.items()},
         "warnings": sum(len(s.analysis.warnings) for s in scored),
     }
 

@@ -37,7 +37,8 @@ def _disc(level: str, z: float, confidence: float = 0.9, series: str = "1.2") ->
 
 def test_shipped_weights_meet_the_goals_on_held_out_phantoms(detector: Detector, held_out: list[Path]) -> None:
     """Median centre error under 2 mm, 95th percentile under 4 mm, every level right, planes
-    within a few degrees, and every axial crop containing its true disc centre."""
+    within a few degrees, and every axial crop containing its true disc centre and the points
+    where the canal and the recesses are measured."""
     report = evaluate(held_out, detector, progress=False)
     assert report["levels_found"] == 5 * len(held_out)
     assert report["level_assignment_accuracy"] == 1.0
@@ -46,6 +47,9 @@ def test_shipped_weights_meet_the_goals_on_held_out_phantoms(detector: Detector,
     assert report["plane_angle_error_deg"]["p95"] < 8.0
     assert report["axial_crops"] == report["axial_crops_expected"]
     assert report["axial_crops_containing_centre"] == 1.0
+    axial, sagittal = report["crops_containing_condition_point"]["axial"], report["crops_containing_condition_point"]["sagittal"]
+    assert set(axial) == set(sagittal) == {"spinal_canal_stenosis", "neural_foraminal_narrowing", "subarticular_stenosis"}
+    assert axial["spinal_canal_stenosis"] == axial["subarticular_stenosis"] == sagittal["spinal_canal_stenosis"] == 1.0
 
 
 def test_detection_does_not_depend_on_how_the_series_is_stored(detector: Detector, held_out: list[Path]) -> None:

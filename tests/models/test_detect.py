@@ -50,6 +50,7 @@ def test_shipped_weights_meet_the_goals_on_held_out_phantoms(detector: Detector,
     axial, sagittal = report["crops_containing_condition_point"]["axial"], report["crops_containing_condition_point"]["sagittal"]
     assert set(axial) == set(sagittal) == {"spinal_canal_stenosis", "neural_foraminal_narrowing", "subarticular_stenosis"}
     assert axial["spinal_canal_stenosis"] == axial["subarticular_stenosis"] == sagittal["spinal_canal_stenosis"] == 1.0
+    assert report["condition_point_in_no_crop"]["spinal_canal_stenosis"] == report["condition_point_in_no_crop"]["subarticular_stenosis"] == 0.0
 
 
 def test_detection_does_not_depend_on_how_the_series_is_stored(detector: Detector, held_out: list[Path]) -> None:

@@ -3,9 +3,10 @@
 Reports, over every level of every study: the distance between detected and true disc centres
 (median, 95th percentile, max), the disc-plane angle error, the share of studies with all five
 levels found and each nearer its own true centre than any other level's (level assignment), the
-share of levels whose axial crop contains the true disc centre, and, per view and condition, the
-share of crops that contain the point where the condition is measured (what each view can show
-the grader at all), and the share of labels whose point no crop contains. Roles come from the phantom's truth, so this measures the models alone. ``twins`` re-renders studies with another
+share of levels whose axial crop contains the true disc centre, per view and condition the share
+of crops that contain the point where the condition is measured (what each view can show the
+grader at all), and the share of labels whose point no crop contains. Roles come from the
+phantom's truth, so this measures the models alone. ``twins`` re-renders studies with another
 encoding or acquisition and compares their crops with the plain ones.
 """
 

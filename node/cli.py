@@ -305,7 +305,7 @@ def _evaluate_detector(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _slice_size(text: str) -> tuple[int, int]:
-    """``HxW`` as a pair of positive integers (argparse type)."""
+    """``HxW`` as a pair of integers, each at least 16 pixels (argparse type)."""
     try:
         height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:

@@ -469,15 +469,21 @@ def pdu_fragmented_store(rng: random.Random, ctx: Context) -> str:
     return f"0x{status:04X}" if status is not None else PDU_NAMES.get(reply_type, "closed")
 
 
+def leave(rng: random.Random, sock: socket.socket) -> str:
+    """Go as a crashed peer (RST) or a rude one (FIN), half each; says which."""
+    if rng.random() < 0.5:
+        reset(sock)
+        return "rst"
+    sock.close()
+    return "fin"
+
+
 def vanish_before(rng: random.Random, ctx: Context) -> str:
     """Connect, maybe send part of a PDU header, and go (FIN or RST)."""
     with connect(ctx.port) as sock:
         send(sock, associate_rq()[:rng.choice([0, 0, 1, 3, 5])])
         time.sleep(rng.choice([0, 0, 0.05, 0.3]))
-        if rng.random() < 0.5:
-            reset(sock)
-            return "rst"
-    return "fin"
+        return leave(rng, sock)
 
 
 def vanish_after_rq(rng: random.Random, ctx: Context) -> str:
@@ -487,10 +493,7 @@ def vanish_after_rq(rng: random.Random, ctx: Context) -> str:
         send(sock, rq if whole else rq[:rng.randrange(6, len(rq))])
         if whole and rng.random() < 0.5:
             read_pdu(sock)
-        if rng.random() < 0.5:
-            reset(sock)
-            return "rst"
-    return "fin"
+        return leave(rng, sock)
 
 
 def vanish_mid_store(rng: random.Random, ctx: Context) -> str:
@@ -500,10 +503,7 @@ def vanish_mid_store(rng: random.Random, ctx: Context) -> str:
     with connect(ctx.port) as sock:
         establish(sock)
         send(sock, stream[:rng.randrange(1, len(stream))])
-        if rng.random() < 0.5:
-            reset(sock)
-            return "rst"
-    return "fin"
+        return leave(rng, sock)
 
 
 def vanish_after_store(rng: random.Random, ctx: Context) -> str:
@@ -513,10 +513,7 @@ def vanish_after_store(rng: random.Random, ctx: Context) -> str:
         establish(sock)
         for data in store_pdus(store_command(ds.SOPInstanceUID), Instances.encoded(ds), 4000):
             send(sock, data)
-        if rng.random() < 0.5:
-            reset(sock)
-            return "rst"
-    return "fin"
+        return leave(rng, sock)
 
 
 def dataset_hostile(rng: random.Random, ctx: Context) -> str:

@@ -127,7 +127,7 @@ class Exposition:
         """Start the HTTP server on ``host:port`` (0: a free port) with ``collectors`` beside the
         processes' metrics."""
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(self.directory))
+        SettledFilesCollector(registry, path=str(self.directory))
         for collector in collectors:
             registry.register(collector)
         self.server = MetricsServer(host, port, registry, health)
@@ -163,6 +163,24 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+class SettledFilesCollector(MultiProcessCollector):
+    """prometheus_client's multi-process collector, minus the value files another process has
+    created but not yet sized: prometheus_client reads such an empty file as a struct.error, and
+    a scrape racing a process's first metric would answer 500."""
+
+    def collect(self) -> Iterable[Metric]:
+        """Merge every value file that has its header."""
+        return self.merge([str(f) for f in Path(self._path).glob("*.db") if _sized(f)], accumulate=True)
+
+
+def _sized(path: Path) -> bool:
+    """True if the file exists and is not empty (it may vanish: a dead process's files are removed)."""
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 class MetricsServer:

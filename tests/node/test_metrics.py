@@ -16,6 +16,7 @@ from typing import Any
 import pydicom
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from pynetdicom import AE
@@ -25,7 +26,7 @@ from sqlalchemy import func, select
 from models.data.phantom import generate
 from node.admin import show_study
 from node.db import make_engine, make_sessionmaker, migrate
-from node.metrics import DatabaseCollector, MetricsServer
+from node.metrics import DatabaseCollector, MetricsServer, SettledFilesCollector
 from node.schema import Instance
 from node.service import NodeHealth
 from tests.support.dicomgen import make_study
@@ -308,3 +309,16 @@ def test_every_process_metric_has_labels() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     samples, families = map(int, done.stdout.split())
     assert samples == 0 and families >= 9
+
+
+def test_a_value_file_not_yet_sized_does_not_fail_the_scrape(tmp_path: Path) -> None:
+    """A process that has just created its value file (still empty) while a scrape reads the
+    directory: prometheus_client's own collector fails on it, ours leaves it for the next scrape."""
+    (tmp_path / "counter_4242.db").touch()
+    plain = CollectorRegistry()
+    MultiProcessCollector(plain, path=str(tmp_path))
+    with pytest.raises(Exception, match="unpack"):
+        generate_latest(plain)
+    settled = CollectorRegistry()
+    SettledFilesCollector(settled, path=str(tmp_path))
+    assert generate_latest(settled) == b""

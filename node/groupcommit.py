@@ -1,8 +1,9 @@
 """Group commit: many threads hand in items, one thread makes each batch durable at once.
 
 With several associations receiving in one process, each instance would otherwise pay its own
-database commit and directory fsync; batching pays them once per batch, and every caller still
-returns only after its own item is durable.
+database commit; batching pays it once per batch, and every caller still learns only after its
+own item is durable. Callers get a future, so they can do their own part (write the file) while
+the batch is being prepared.
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ class GroupCommitter(Generic[T, R]):
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, item: T) -> R:
-        """Hand in ``item`` and block until its batch is committed; re-raise its failure."""
+    def submit(self, item: T) -> Future[R]:
+        """Hand in ``item``; the future resolves once its batch is committed, or with its failure."""
         if self.closed:
             raise RuntimeError("the committer is closed")
         future: Future[R] = Future()
         self._queue.put((item, future))
-        return future.result()
+        return future
 
     def close(self) -> None:
         """Commit what is queued, then stop the thread; later submits raise RuntimeError."""

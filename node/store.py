@@ -1,8 +1,10 @@
 """Durable storage of received instances: bytes on disk as received, then their rows in SQL.
 
 An instance is acknowledged only after :meth:`InstanceStore.store` returns: by then its file
-is written, fsynced and renamed into place, and its row is committed. Anything that fails
-before that leaves neither file nor row behind.
+is written, fsynced and renamed into place, its directory fsynced, and its row committed.
+Anything that fails before that leaves neither file nor row behind. The rows are prepared while
+the file is written (one instance's SQL work overlaps its disk flushes), but committed only once
+the file is durable, so a committed row always has its file.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import os
 import shutil
 import struct
 import threading
-from dataclasses import dataclass, replace
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
@@ -32,6 +35,9 @@ from node.series import RoleDecision, SeriesRole, classify_series
 
 LOGGER = logging.getLogger(__name__)
 
+#: Longest wait of a commit for a handler to report its file durable (a stalled disk fails the
+#: instance instead of stopping every commit of the process).
+ON_DISK_TIMEOUT_S = 60.0
 
 #: Folder below storage_dir where instances are written before being renamed into place.
 INCOMING = ".incoming"
@@ -112,21 +118,21 @@ class _Placement(NamedTuple):
 
 @dataclass(frozen=True)
 class _Pending:
-    """An instance whose file is written and fsynced, waiting for its directory fsync and rows."""
+    """An instance to index; ``on_disk`` resolves once its file and directory entry are durable."""
 
     ids: Identifiers
     known: tuple[int, int] | None  # (study id, series id) when the series is already indexed
     series: dict[str, Any] | None  # the new series row (role decided) when it is not
     instance: dict[str, Any]  # the instance row, less study_id and series_id
-    directory: Path
     calling_ae_title: str
+    on_disk: Future[None] = field(default_factory=Future, compare=False)
 
 
 class InstanceStore:
     """Writes instances to ``storage_dir`` and indexes them; one per receiving process.
 
-    Handler threads write and fsync files in parallel; one group-commit thread then fsyncs
-    their directories and commits their rows in one transaction per batch.
+    Handler threads write and fsync files in parallel; meanwhile one group-commit thread writes
+    their rows, one transaction per batch, and commits it once every file of the batch is durable.
     """
 
     def __init__(self, settings: Settings, engine: Engine) -> None:
@@ -169,15 +175,22 @@ class InstanceStore:
             known=known,
             series=None if known else self._series_rows.setdefault(ids.series_instance_uid, self._series_row(ds, ids)),
             instance=_instance_row(ds, ids, relative, len(encoded), transfer_syntax_uid, calling_ae_title),
-            directory=path.parent,
             calling_ae_title=calling_ae_title,
         )
         if self._committer.closed:
             raise OutOfResources(errno.ESHUTDOWN, "the node is shutting down")
         self._check_free_space(len(encoded))
-        created = write_durably(path, encoded, self.incoming_dir)
+        committed = self._committer.submit(pending)
+        created = False
         try:
-            stored = self._committer.submit(pending)
+            try:
+                created = write_durably(path, encoded, self.incoming_dir)
+                fsync_dir(path.parent)
+            except BaseException as exc:
+                pending.on_disk.set_exception(exc)  # the batch rolls back; its other items are retried alone
+                raise
+            pending.on_disk.set_result(None)
+            stored = committed.result()
         except BaseException as exc:
             if created and self._indexed_path_or_none(ids.sop_instance_uid) is None:
                 path.unlink(missing_ok=True)
@@ -219,15 +232,13 @@ class InstanceStore:
             return None
 
     def _commit(self, batch: list[_Pending]) -> list[Stored]:
-        """Make a batch durable: fsync each directory once, then one transaction for all rows.
+        """Index a batch in one transaction, committed once every file of the batch is durable.
 
         Instances already indexed are skipped before anything is created for them. The studies
         are locked before their instances go in, so a readiness decision taken meanwhile either
         sees the new instances or is undone by the reopen below (PostgreSQL; SQLite serialises
         writers anyway).
         """
-        for directory in {p.directory for p in batch}:
-            fsync_dir(directory)
         learned: dict[str, tuple[int, int]] = {}
         with self.engine.begin() as conn:
             batch = self._forget_purged(conn, batch)
@@ -238,6 +249,8 @@ class InstanceStore:
             placed = {p.ids.sop_instance_uid: self._place(conn, p, learned) for p in fresh}
             inserted = self._insert_instances(conn, fresh, placed) if fresh else {}
             self._reopen(conn, sorted(set(inserted.values())))
+            for p in batch:
+                p.on_disk.result(ON_DISK_TIMEOUT_S)  # a failed or stalled write rolls the batch back
         self._known_series.update(learned)
         results = []
         for p in batch:

@@ -22,7 +22,7 @@ def test_items_queued_behind_a_commit_share_the_next_batch() -> None:
 
     committer: GroupCommitter[int, int] = GroupCommitter(commit)
     results: dict[int, int] = {}
-    threads = [threading.Thread(target=lambda i=i: results.update({i: committer.submit(i)})) for i in range(6)]
+    threads = [threading.Thread(target=lambda i=i: results.update({i: committer.submit(i).result()})) for i in range(6)]
     threads[0].start()
     wait_for(lambda: batches, 10, "the first batch")
     for thread in threads[1:]:
@@ -43,10 +43,10 @@ def test_a_failing_item_fails_only_its_own_caller() -> None:
         return batch
 
     committer: GroupCommitter[int, int] = GroupCommitter(commit)
-    assert committer.submit(1) == 1
+    assert committer.submit(1).result() == 1
     with pytest.raises(ValueError, match="unlucky"):
-        committer.submit(13)
-    assert committer.submit(2) == 2
+        committer.submit(13).result()
+    assert committer.submit(2).result() == 2
     committer.close()
 
 
@@ -67,7 +67,7 @@ def test_a_failing_batch_is_retried_item_by_item() -> None:
 
     def submit(item: int) -> None:
         try:
-            outcomes[item] = committer.submit(item)
+            outcomes[item] = committer.submit(item).result()
         except ValueError as exc:
             outcomes[item] = exc
 

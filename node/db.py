@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,32 @@ def make_engine(database_url: str) -> Engine:
     event.listen(engine, "connect", _sqlite_on_connect)
     event.listen(engine, "begin", _sqlite_begin_immediate)
     return engine
+
+
+class WriterLock(AbstractContextManager[None]):
+    """A blocking ``flock`` that queues a SQLite database's busiest writers across processes.
+
+    A writer that finds SQLite's lock taken sleeps 1, 2, 5, 10... ms between tries (its busy
+    handler); one blocked in ``flock`` wakes the moment the lock is released. For one thread per
+    process (the lock belongs to the open file, which the threads of a process share).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def __enter__(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+def writer_lock(engine: Engine) -> AbstractContextManager[None]:
+    """The :class:`WriterLock` of a SQLite database file (``<file>.writers``); a no-op otherwise."""
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return nullcontext()
+    return WriterLock(Path(f"{url.database}.writers"))
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -28,7 +28,7 @@ from sqlalchemy import Connection, Engine, Table, insert, select, update
 from sqlalchemy.exc import OperationalError
 
 from node.config import Settings
-from node.db import dialect_insert, insert_ignore
+from node.db import dialect_insert, insert_ignore, writer_lock
 from node.groupcommit import GroupCommitter
 from node.schema import Event, Instance, Series, Study, StudyState, utcnow
 from node.series import RoleDecision, SeriesRole, classify_series
@@ -145,6 +145,7 @@ class InstanceStore:
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
         self._known_series: dict[str, tuple[int, int]] = {}  # series UID -> (study id, series id)
         self._series_rows: dict[str, dict[str, Any]] = {}  # series UID -> its row, to place it again after a purge
+        self._writer_lock = writer_lock(engine)  # receiving processes queue for SQLite without sleeping
         self._committer: GroupCommitter[_Pending, Stored] = GroupCommitter(self._commit, name="store-commit")
 
     def close(self) -> None:
@@ -240,7 +241,7 @@ class InstanceStore:
         writers anyway).
         """
         learned: dict[str, tuple[int, int]] = {}
-        with self.engine.begin() as conn:
+        with self._writer_lock, self.engine.begin() as conn:
             batch = self._forget_purged(conn, batch)
             unplaced = [p.ids.sop_instance_uid for p in batch if p.known is None]
             indexed = set(conn.scalars(select(INSTANCES.c.sop_instance_uid).where(INSTANCES.c.sop_instance_uid.in_(unplaced)))

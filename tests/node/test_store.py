@@ -1,9 +1,13 @@
-"""The store's ordering: rows are prepared while the file is written, committed only once it is durable."""
+"""The store's ordering (rows are prepared while the file is written, committed only once it is
+durable) and the lock that queues SQLite writers across receiving processes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ from sqlalchemy import Engine, func, select
 
 import node.store
 from node.config import load_settings
-from node.db import make_engine, migrate
+from node.db import make_engine, migrate, writer_lock
 from node.store import INSTANCES, InstanceStore, Stored
 from tests.support.dicomgen import make_study
 from tests.support.services import wait_for
@@ -132,3 +136,41 @@ def test_a_stalled_write_fails_its_instance_without_stopping_the_commits(store: 
     assert _indexed(engine) == 1
     files = [p for p in instances.storage_dir.rglob("*.dcm") if ".incoming" not in p.parts]
     assert len(files) == 1 and files[0].read_bytes() == second.read_bytes()
+
+
+def test_sqlite_writers_of_two_processes_queue_on_one_lock(tmp_path: Path) -> None:
+    """The commit threads of two receiving processes take the database's writer lock in turn: a
+    waiter is blocked while another process holds it and gets it as soon as it is released."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "node.db.writers")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "held"
+        entered = threading.Event()
+
+        def take() -> None:
+            with writer_lock(engine):
+                entered.set()
+
+        waiter = threading.Thread(target=take)
+        waiter.start()
+        assert not entered.wait(0.5), "the lock was taken while another process held it"
+        holder.stdin.write("release\n")
+        holder.stdin.flush()
+        assert entered.wait(10)
+        waiter.join(10)
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert isinstance(writer_lock(make_engine("sqlite://")), nullcontext)
+    assert isinstance(writer_lock(make_engine("postgresql://nobody@127.0.0.1:1/none")), nullcontext)
+
+
+HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.readline()
+"""

@@ -3,9 +3,9 @@
 Reports, over every level of every study: the distance between detected and true disc centres
 (median, 95th percentile, max), the disc-plane angle error, the share of studies with all five
 levels found and each nearer its own true centre than any other level's (level assignment), the
-share of levels whose axial crop contains the true disc centre, per view and condition the share
-of crops that contain the point where the condition is measured (what each view can show the
-grader at all), and the share of labels whose point no crop contains. Roles come from the
+share of levels whose axial crop contains the true disc centre, per series role and condition the
+share of crops that contain the point where the condition is measured (what each input can show
+the grader at all), and the share of labels whose point no crop contains. Roles come from the
 phantom's truth, so this measures the models alone. ``twins`` re-renders studies with another
 encoding or acquisition and compares their crops with the plain ones.
 """
@@ -88,7 +88,7 @@ def evaluate(study_dirs: Sequence[Path], detector: Detector, progress: bool = Tr
         scored.append(_Scored(truth, analyse_volumes(volumes, detector)))
     distances, angles, axial_hits, axial_total = [], [], 0, 0
     all_right = 0
-    shown: dict[str, dict[str, list[bool]]] = {"sagittal": {}, "axial": {}}
+    shown: dict[str, dict[str, list[bool]]] = {}
     seen: dict[str, list[bool]] = {}
     for s in scored:
         truth_centres = {lv: np.array(s.truth["levels"][lv]["center"]) for lv in LEVELS}
@@ -104,7 +104,7 @@ def evaluate(study_dirs: Sequence[Path], detector: Detector, progress: bool = Tr
                 axial_total += 1
                 axial_hits += _contains(crop.box, truth_centres[crop.level])
             for condition, found in s.truth["levels"][crop.level]["conditions"].items():
-                shown[crop.view].setdefault(_family(condition), []).append(_contains(crop.box, np.asarray(found["point"])))
+                shown.setdefault(crop.role, {}).setdefault(_family(condition), []).append(_contains(crop.box, np.asarray(found["point"])))
         for lv, level in s.truth["levels"].items():
             for condition, found in level["conditions"].items():
                 point = np.asarray(found["point"])
@@ -120,7 +120,7 @@ def evaluate(study_dirs: Sequence[Path], detector: Detector, progress: bool = Tr
         "axial_crops": axial_total,
         "axial_crops_expected": expected_axial,
         "axial_crops_containing_centre": round(axial_hits / max(axial_total, 1), 4),
-        "crops_containing_condition_point": {view: {c: round(float(np.mean(hits)), 4) for c, hits in by.items()} for view, by in shown.items()},
+        "crops_containing_condition_point": {role: {c: round(float(np.mean(hits)), 4) for c, hits in by.items()} for role, by in sorted(shown.items())},
         "condition_point_in_no_crop": {c: round(1 - float(np.mean(hits)), 4) for c, hits in seen.items()},
         "warnings": sum(len(s.analysis.warnings) for s in scored),
     }

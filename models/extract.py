@@ -1,10 +1,15 @@
 """Disc volumes for the grader: 9x112x224 (slice x height x width) per level and series.
 
-Sagittal (after SpineNet, reference spine-ml.md 2.2): nine native slices centred on the slice
-nearest the disc centre (no resampling across slices), in-plane aligned with the disc plane
-(height along the disc normal, head up; width antero-posterior, posterior to the right),
-224 pixels spanning twice the disc's depth (SpineNet's 50 % margin each side) and 112 pixels the
-same spacing, so the box is 2:1.
+Sagittal (after SpineNet, reference spine-ml.md 2.2): nine slices centred on the native slice
+nearest the disc centre, in-plane aligned with the disc plane (height along the disc normal, head
+up; width antero-posterior, posterior to the right), 224 pixels spanning twice the disc's depth
+(SpineNet's 50 % margin each side) and 112 pixels the same spacing, so the box is 2:1.
+T2 and STIR crops take nine contiguous native slices (no resampling across slices), SpineNet's
+crop: the canal and the recesses lie within them. T1 crops, the sequence the foramina are graded
+on (RSNA 2024), are spread to reach both foramina: nine slices from -FORAMEN_REACH_MM to
++FORAMEN_REACH_MM, interpolated between native slices, never closer than the native spacing and
+never beyond the series' outer slices. Nine contiguous 3.3-4.4 mm slices reach only 13-18 mm
+each side, while the foramina lie 14-22 mm from the midline (L5-S1 furthest).
 
 Axial (paper section 4.1): the sagittal region of interest of the level, taken from the
 primary sagittal series (T2, else STIR, else T1), is a box in patient space. An axial slice is
@@ -33,10 +38,13 @@ from models.detect import INFERIOR, LevelDetection
 from models.sampler import Box, sample
 from models.volumes import SeriesVolume, SliceSource
 
-__all__ = ["CROP_SHAPE", "SLOT_OF_ROLE", "Crop", "axial_box", "disc_slots", "extract", "sagittal_box"]
+__all__ = ["CROPS_VERSION", "CROP_SHAPE", "FORAMEN_REACH_MM", "SLOT_OF_ROLE", "Crop", "axial_box", "disc_slots", "extract", "sagittal_box"]
 
 CROP_SHAPE = (9, 112, 224)
+# Bumped whenever the crops change: disc caches and grader weights record it and refuse another.
+CROPS_VERSION = 2
 DEPTH_RANGE_MM = (25.0, 70.0)
+FORAMEN_REACH_MM = 24.0
 AXIAL_WIDTH_MM = (80.0, 160.0)
 SAGITTAL_ROLES = ("T2_SAG", "STIR_SAG", "T1_SAG")
 POSTERIOR = np.array([0.0, 1.0, 0.0])
@@ -69,14 +77,21 @@ def _depth(disc: LevelDetection) -> float:
     return float(np.clip(disc.depth_mm, *DEPTH_RANGE_MM))
 
 
-def sagittal_box(volume: SeriesVolume, disc: LevelDetection) -> Box:
-    """The disc's sagittal box in one sagittal volume: nine native slices, disc plane aligned."""
+def sagittal_box(volume: SeriesVolume, disc: LevelDetection, reach_mm: float = 0.0) -> Box:
+    """The disc's sagittal box in one sagittal volume, disc plane aligned, centred on a native slice.
+
+    Its nine slices are contiguous native ones unless ``reach_mm`` asks them to reach further to
+    each side; they then step evenly, but not past the series' outer slices."""
+    native = float(volume.volume.spacing[0])
+    n = volume.volume.spatial_shape[0]
     axis = volume.slice_axis if volume.slice_axis @ disc.left >= 0 else -volume.slice_axis
     first = volume.slice_positions[0]
-    k = int(np.clip(np.rint((disc.centre - first) @ volume.slice_axis / volume.volume.spacing[0]), 0, volume.volume.spatial_shape[0] - 1))
-    centre = disc.centre + ((first + k * volume.volume.spacing[0] * volume.slice_axis - disc.centre) @ axis) * axis
+    k = int(np.clip(np.rint((disc.centre - first) @ volume.slice_axis / native), 0, n - 1))
+    centre = disc.centre + ((first + k * native * volume.slice_axis - disc.centre) @ axis) * axis
+    half = (CROP_SHAPE[0] - 1) / 2
+    step = max(native, min(reach_mm, min(k, n - 1 - k) * native) / half)
     spacing = 2 * _depth(disc) / CROP_SHAPE[2]
-    return Box.around(centre, axis, -disc.normal, CROP_SHAPE, (volume.volume.spacing[0], spacing, spacing))
+    return Box.around(centre, axis, -disc.normal, CROP_SHAPE, (step, spacing, spacing))
 
 
 def _posterior_corners(roi: Box) -> np.ndarray:
@@ -155,7 +170,8 @@ def extract(volumes: Mapping[str, Sequence[SeriesVolume]], discs: Mapping[str, L
         for vol in volumes.get(role, ()):
             if not levels:
                 continue
-            boxes = [sagittal_box(vol, discs[lv]) for lv in levels]
+            reach = FORAMEN_REACH_MM if role == "T1_SAG" else 0.0
+            boxes = [sagittal_box(vol, discs[lv], reach) for lv in levels]
             pixels, coverage = sample(vol.volume, boxes, device)
             normalised = _normalised(pixels.cpu().numpy())
             for i, lv in enumerate(levels):

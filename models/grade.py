@@ -4,7 +4,8 @@ discs in one batch with calibrated probabilities.
 The weights file carries its architecture, training configuration and per-condition
 temperatures as safetensors metadata; its model card (same name, ``.md``) carries its SHA-256.
 Weights whose hash is not on their card are refused: a file swapped or corrupted on disk must
-not grade patients' studies under another model's name.
+not grade patients' studies under another model's name. Weights trained on crops of another
+``CROPS_VERSION`` are refused too: they would grade inputs unlike the ones they learnt from.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from models.data.pathology import LEVELS
-from models.extract import Crop, disc_slots
+from models.extract import CROPS_VERSION, Crop, disc_slots
 from models.grader import GRADES, Grader, GraderConfig, prepare_inputs
 from models.train_grader import TrainConfig
 
@@ -31,7 +32,7 @@ DEFAULT_GRADER = Path(__file__).parent / "weights" / "grader.safetensors"
 
 
 class WeightsMismatch(RuntimeError):
-    """Weights whose hash is not the one their model card records."""
+    """Weights whose hash is not the one their model card records, or trained on other crops."""
 
 
 @dataclass
@@ -57,6 +58,9 @@ class GraderModel:
         with safe_open(str(path), "pt") as f:
             meta = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()}
+        trained_on = int(meta.get("crops_version", "1"))
+        if trained_on != CROPS_VERSION:
+            raise WeightsMismatch(f"{path.name} was trained on crops of version {trained_on}; this extraction makes version {CROPS_VERSION}: retrain it")
         model = Grader(GraderConfig(**json.loads(meta["grader_config"])))
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         config = json.loads(meta["train_config"])

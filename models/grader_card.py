@@ -25,6 +25,7 @@ import torch
 
 from models.data.discs import SLOTS, DiscSet, build_cache, load_cache, split_studies
 from models.detect import DEFAULT_WEIGHTS, Detector
+from models.extract import CROPS_VERSION
 from models.evaluate_grader import evaluate_logits, fit_temperatures, table2, table3
 from models.grade import GraderModel
 from models.grader import Grader, GraderConfig
@@ -69,6 +70,7 @@ def train_and_card(data_dir: Path, cache: Path, workdir: Path, out: Path, preset
         "selected_epoch": str(trained.selected_epoch), "train_seconds": str(round(time.monotonic() - started)), "device": dev.type,
         "test_ids_sha256": hashlib.sha256(",".join(sorted(test_ids)).encode()).hexdigest(),
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "torch": torch.__version__,
+        "crops_version": str(CROPS_VERSION),
     }
     save_grader(trained.model, out, facts)
     shipped = GraderModel.load(out, device, verify=False)  # measure the fp16 weights as written
@@ -106,6 +108,8 @@ grade: the scores below are those of its own test split only.
   (0 T1 sagittal, 1 T2/STIR sagittal, 2 T2 axial), {train.epochs} epochs of batch {train.batch},
   AdamW {train.lr_min:g} -> {train.lr_max:g}, warm-up {train.warmup}, restarts every {train.restart} epochs, seed {train.seed}.
 - Trained on: {facts['trained_on']}.
+- Crops: version {facts['crops_version']} of `models/extract.py` (its docstring says how they are cut);
+  the node refuses these weights beside an extraction of another version.
 - Selected epoch: {facts['selected_epoch']} (best mean validation macro AUROC over 10 consecutive epochs);
   trained in {facts['train_seconds']} s on {facts['device'].upper()}, torch {facts['torch']}, {facts['created']}.
 - Temperatures (fitted on validation, applied at inference): {facts['temperatures']}

@@ -10,7 +10,8 @@ iterations. We read the paper's "iterations" as epochs: 10 warm-up steps and res
 optimiser steps would restart hundreds of times in one of its 200 epochs.
 
 Augmentations, on the device and for the whole batch at once: every volume shifted by up to 2
-slices, each sample flipped with probability 0.5 (axial slices mirrored left-right, sagittal
+slices (T1 sagittal volumes by up to 1: their slices are about 1.5 native slices apart, see
+``models.extract``, so one of theirs is the paper's two native ones), each sample flipped with probability 0.5 (axial slices mirrored left-right, sagittal
 slice order reversed) with left and right labels swapped, an intensity offset in [-0.1, 0.1],
 and a random affine per volume: translation up to 22 px horizontally and 12 px vertically (of
 224x112 slices, scaled with the slice size), scale 0.9-1.1, rotation -20..20 degrees.
@@ -53,6 +54,8 @@ __all__ = ["TrainConfig", "Trained", "class_weights", "predict", "save_grader", 
 
 SWAP = {c: c.replace("left", "right") if "left" in c else c.replace("right", "left") for c in CONDITIONS}
 SELECTION_WINDOW = 10
+# Largest slice shift per input slot (T1 sagittal, T2/STIR sagittal, T2 axial): two native slices.
+MAX_SHIFT = (1, 2, 2)
 
 
 @dataclass(frozen=True)
@@ -149,8 +152,15 @@ def affine(vol: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor, tx: torc
     return F.grid_sample(vol.reshape(b * m, s, h, w), grid, mode="bilinear", padding_mode="zeros", align_corners=False).reshape(b, m, s, h, w)
 
 
-def augment(batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """The paper's augmentations: flip per sample; slice shift, affine and intensity offset per volume."""
+def slice_shifts(b: int, slots: Sequence[int], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Per volume of a batch of ``b`` samples, a shift drawn uniformly from -MAX_SHIFT..MAX_SHIFT of its slot."""
+    limit = torch.tensor([MAX_SHIFT[s] for s in slots], device=device).repeat(b)
+    return (torch.rand(len(limit), generator=generator, device=device) * (2 * limit + 1)).floor().long() - limit
+
+
+def augment(batch: dict[str, torch.Tensor], generator: torch.Generator, slots: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The paper's augmentations: flip per sample; slice shift, affine and intensity offset per
+    volume (``slots``: the input slot of each of the batch's volumes)."""
     b, m = batch["volumes"].shape[:2]
     dev = batch["volumes"].device
 
@@ -158,7 +168,7 @@ def augment(batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[
         return lo + (hi - lo) * torch.rand(n, generator=generator, device=dev)
 
     batch = flip(batch, uniform(0, 1, b) < 0.5)
-    vol = shift_slices(batch["volumes"], torch.randint(-2, 3, (b * m,), generator=generator, device=dev))
+    vol = shift_slices(batch["volumes"], slice_shifts(b, slots, generator, dev))
     h, w = vol.shape[-2:]
     # the paper's 22 and 12 pixels are of 224x112 slices: scaled to the slices' actual size
     vol = affine(vol, uniform(-20, 20, b * m) * math.pi / 180, uniform(0.9, 1.1, b * m), uniform(-22, 22, b * m) * w / 224, uniform(-12, 12, b * m) * h / 112)
@@ -256,7 +266,7 @@ def train_grader(train: DiscSet, val: DiscSet, model_config: GraderConfig, confi
             for i in range(steps):
                 batch = _batch(train, np.sort(perm[i * config.batch : (i + 1) * config.batch]), config, dev)
                 if config.augment:
-                    batch = augment(batch, generator)
+                    batch = augment(batch, generator, config.slots)
                 with _autocast(dev):
                     logits = model(batch["volumes"], batch["present"], batch["views"], batch["levels"])
                 loss = _loss(logits, batch, weights, config.conditions)

@@ -16,7 +16,8 @@ role, in the CSV's row order. When several crops could fill a slot (a T2 and a S
 as T2_SAG, or several stacks of one series), the first series' first stack wins: it is also the
 one that leads the disc fusion. Existing files are skipped, so a build resumes; each file is
 written to a temporary name and renamed. Studies that yield no crop at all are listed with the
-reason in ``<cache>/failed.json`` and retried by the next build.
+reason in ``<cache>/failed.json`` and retried by the next build. ``<cache>/crops.json`` records
+the extraction's ``CROPS_VERSION``: a cache of other crops is refused, never mixed or trained on.
 
 ``split_studies`` splits studies (patients, in RSNA) into train/validation/test in the
 proportions of the paper's 1552/194/194, stratified on ten per-study labels (any moderate and any
@@ -45,14 +46,15 @@ from models.analysis import analyse_volumes
 from models.data.pathology import CONDITIONS, GRADES, LEVELS
 from models.data.rsna_reader import DESCRIPTIONS_CSV, IMAGES_DIR, _id, _read_csv, natural_key
 from models.detect import Detector
-from models.extract import CROP_SHAPE, disc_slots
+from models.extract import CROP_SHAPE, CROPS_VERSION, disc_slots
 from models.volumes import SeriesVolume, VolumeError, load_series
 
 LOGGER = logging.getLogger(__name__)
-__all__ = ["SLOTS", "DiscSet", "build_cache", "load_cache", "read_labels", "split_studies"]
+__all__ = ["SLOTS", "DiscSet", "StaleCache", "build_cache", "load_cache", "read_labels", "split_studies"]
 
 TRAIN_CSV = "train.csv"
 FAILED_JSON = "failed.json"
+STAMP_JSON = "crops.json"
 SLOTS: tuple[str, ...] = ("T1_SAG", "T2_SAG", "T2_AX")
 ROLE_OF_DESCRIPTION = {"Sagittal T1": "T1_SAG", "Sagittal T2/STIR": "T2_SAG", "Axial T2": "T2_AX"}
 PAPER_SIZES = (1552, 194, 194)
@@ -214,6 +216,18 @@ def _outcomes(todo: Sequence[_Job], detector: Detector, workers: int) -> Iterato
         pool.shutdown(cancel_futures=True)
 
 
+class StaleCache(ValueError):
+    """A disc cache written by another version of the extraction."""
+
+
+def _check_stamp(cache: Path) -> None:
+    """Refuse a cache whose crops are not this extraction's (unstamped caches predate version 2)."""
+    stamp = cache / STAMP_JSON
+    found = json.loads(stamp.read_text())["crops_version"] if stamp.exists() else 1
+    if found != CROPS_VERSION:
+        raise StaleCache(f"{cache} holds crops of version {found}; this extraction makes version {CROPS_VERSION}: remove it or pass another --cache")
+
+
 def build_cache(root: Path, cache: Path, detector: Detector, workers: int = 2, progress: bool = True) -> list[Path]:
     """Cache the disc volumes of every study of an RSNA layout; returns the npz of every cached study.
 
@@ -225,6 +239,9 @@ def build_cache(root: Path, cache: Path, detector: Detector, workers: int = 2, p
         raise ValueError("workers must be at least 1")
     root, cache = Path(root), Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
+    if not any(cache.glob("*.npz")):
+        (cache / STAMP_JSON).write_text(json.dumps({"crops_version": CROPS_VERSION}))
+    _check_stamp(cache)
     jobs = _jobs(root, cache)
     todo = [j for j in jobs if not j.path.exists()]
     failed: dict[str, str] = {}
@@ -242,6 +259,7 @@ def build_cache(root: Path, cache: Path, detector: Detector, workers: int = 2, p
 def load_cache(cache: Path, study_ids: Sequence[str] | None = None) -> DiscSet:
     """All levels of the cached studies (all of them, in natural order, when ``study_ids`` is None)."""
     cache = Path(cache)
+    _check_stamp(cache)
     paths = [cache / f"{s}.npz" for s in study_ids] if study_ids is not None else sorted(cache.glob("*.npz"), key=lambda p: natural_key(p.stem))
     n = len(paths) * len(LEVELS)
     volumes = np.zeros((n, len(SLOTS), *CROP_SHAPE), np.float16)

@@ -10,16 +10,18 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from models.data.discs import build_cache, load_cache, split_studies
+from models.data.discs import StaleCache, build_cache, load_cache, split_studies
 from models.data.pathology import CONDITIONS, GRADES, LEVELS
 from models.data.phantom import generate
 from models.data.rsna import numeric_id
 from models.detect import Detector
+from models.extract import CROPS_VERSION
 
 SEED = 31
 TEXT_GRADE = {"Normal/Mild": 0, "Moderate": 1, "Severe": 2, "": -1}
@@ -143,6 +145,24 @@ def test_a_study_without_volumes_is_skipped_and_reported(partial: tuple[Path, Pa
     failed = json.loads((cache / "failed.json").read_text())
     assert list(failed) == [BROKEN_STUDY] and "VolumeError" in failed[BROKEN_STUDY]
     assert [r.getMessage() for r in caplog.records] == [f"study {BROKEN_STUDY} skipped: VolumeError"]
+
+
+def test_a_cache_of_other_crops_is_refused(full: tuple[Path, Path, list[Path]], detector: Detector, tmp_path: Path) -> None:
+    """A cache records its crops version; one without the stamp (older) or with another is refused
+    by both the build and the loader, so stale crops are never mixed with new ones or trained on."""
+    base, cache, paths = full
+    assert json.loads((cache / "crops.json").read_text()) == {"crops_version": CROPS_VERSION}
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    shutil.copy(paths[0], stale / paths[0].name)
+    for stamp in (None, {"crops_version": CROPS_VERSION - 1}):
+        if stamp:
+            (stale / "crops.json").write_text(json.dumps(stamp))
+        with pytest.raises(StaleCache, match=f"version {CROPS_VERSION - 1}; this extraction makes version {CROPS_VERSION}"):
+            build_cache(base / "rsna", stale, detector, workers=1, progress=False)
+        with pytest.raises(StaleCache):
+            load_cache(stale)
+    assert sorted(p.name for p in stale.iterdir()) == sorted([paths[0].name, "crops.json"]), "nothing was written"
 
 
 def test_load_cache_stacks_every_level_and_selects(full: tuple[Path, Path, list[Path]]) -> None:

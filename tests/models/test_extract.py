@@ -16,7 +16,7 @@ from models.data.pathology import LEVELS
 from models.data.phantom import generate
 from models.detect import LevelDetection
 from models.evaluate_detector import load_study
-from models.extract import CROP_SHAPE, extract, sagittal_box
+from models.extract import CROP_SHAPE, FORAMEN_REACH_MM, extract, sagittal_box
 from models.sampler import sample
 from models.volumes import SeriesVolume
 
@@ -57,7 +57,8 @@ def test_every_level_gets_a_crop_from_every_series(studies: dict[str, Path], kin
 
 
 def test_sagittal_box_is_native_slices_aligned_with_the_disc(studies: dict[str, Path]) -> None:
-    """Nine native slices around the disc, rows caudal along the normal, columns posterior, 2:1."""
+    """Nine contiguous native slices around the disc (T2, STIR), rows caudal along the normal,
+    columns posterior, 2:1."""
     truth, volumes = load_study(studies["single"])
     vol = volumes["T2_SAG"][0]
     for level, disc in true_discs(truth).items():
@@ -71,6 +72,29 @@ def test_sagittal_box_is_native_slices_aligned_with_the_disc(studies: dict[str, 
         width = box.spacing[2] * CROP_SHAPE[2]
         assert width == pytest.approx(2 * disc.depth_mm)
         assert box.spacing[1] == box.spacing[2]
+
+
+def test_t1_sagittal_crops_reach_both_foramina_within_the_series(studies: dict[str, Path]) -> None:
+    """T1 crops step out to FORAMEN_REACH_MM each side (never below the native spacing, never past
+    the outer slices) around a native centre slice; T2 crops stay contiguous."""
+    truth, volumes = load_study(studies["single"])
+    crops, _ = extract(volumes, true_discs(truth))
+    t1 = volumes["T1_SAG"][0]
+    native, n = float(t1.volume.spacing[0]), t1.volume.spatial_shape[0]
+    assert {c.role for c in crops} >= {"T1_SAG", "T2_SAG"}
+    for c in crops:
+        if c.role == "T2_SAG":
+            assert c.box.spacing[0] == pytest.approx(float(volumes["T2_SAG"][0].volume.spacing[0]))
+        if c.role != "T1_SAG":
+            continue
+        assert native <= c.box.spacing[0] <= FORAMEN_REACH_MM / 4 + 1e-9
+        ends = c.box.to_source(t1.volume, np.array([[k, 55.5, 111.5] for k in (0, 4, 8)]))[:, 0]
+        assert ends[1] == pytest.approx(round(ends[1]), abs=1e-6), "the centre slice is a native one"
+        assert -1e-6 <= ends.min() and ends.max() <= n - 1 + 1e-6, (c.level, ends)
+        assert c.coverage > 0.99
+        at_edge = min(ends) == pytest.approx(0.0, abs=1e-6) or max(ends) == pytest.approx(n - 1, abs=1e-6)
+        assert 4 * c.box.spacing[0] == pytest.approx(FORAMEN_REACH_MM) or at_edge, (c.level, ends)
+        assert 4 * c.box.spacing[0] > 4 * native, "the crop must reach further than nine contiguous slices"
 
 
 @pytest.mark.parametrize("kind", ["single", "multi"])

@@ -4,6 +4,7 @@ resumable checkpoints, and ``spine-node train`` / ``evaluate`` end to end on pha
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import subprocess
 import sys
@@ -13,16 +14,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from models.data.discs import DiscSet
 from models.data.pathology import CONDITIONS
 from models.data.phantom import generate
-from models.extract import CROP_SHAPE
+from models.extract import CROP_SHAPE, CROPS_VERSION
 from models.evaluate_grader import evaluate_logits
 from models.grade import GraderModel, WeightsMismatch
 from models.grader import GraderConfig
 from models.metrics import PALETTE
-from models.train_grader import TrainConfig, affine, class_weights, flip, learning_rate, shift_slices, train_grader, usable
+from models.train_grader import MAX_SHIFT, TrainConfig, affine, class_weights, flip, learning_rate, shift_slices, slice_shifts, train_grader, usable
 
 TINY = GraderConfig(width=8)
 
@@ -82,6 +85,18 @@ def test_slice_shift_and_affine() -> None:
     assert torch.allclose(affine(vol, 0 * one, one, 0 * one, 0 * one), vol, atol=1e-5)
     moved = affine(vol, 0 * one, one, 2 * one, 0 * one)
     assert torch.allclose(moved[..., :-2], vol[..., 2:], atol=1e-5) and moved[..., -2:].abs().sum() == 0
+
+
+def test_slice_shifts_stay_within_two_native_slices_per_slot() -> None:
+    """T1 sagittal volumes (slices about 1.5 native apart) shift by -1..1, the others by -2..2,
+    every value of the range drawn."""
+    generator = torch.Generator().manual_seed(0)
+    shifts = slice_shifts(2000, (0, 1, 2), generator, torch.device("cpu")).reshape(2000, 3)
+    assert MAX_SHIFT == (1, 2, 2)
+    for slot, limit in enumerate(MAX_SHIFT):
+        assert set(shifts[:, slot].tolist()) == set(range(-limit, limit + 1)), slot
+    only_axial = slice_shifts(500, (2,), generator, torch.device("cpu"))
+    assert only_axial.shape == (500,) and set(only_axial.tolist()) == {-2, -1, 0, 1, 2}
 
 
 def test_training_learns_selects_and_resumes(tmp_path: Path) -> None:
@@ -148,6 +163,20 @@ def test_weights_not_on_their_card_are_refused(trained: Path, tmp_path: Path) ->
     copy.with_suffix(".md").write_text(trained.with_suffix(".md").read_text())
     with pytest.raises(WeightsMismatch):
         GraderModel.load(copy)
+
+
+def test_weights_trained_on_other_crops_are_refused(trained: Path, tmp_path: Path) -> None:
+    """Weights whose metadata names another crops version (or none: they predate it) would grade
+    inputs unlike their training data, and are not loaded, even with a matching card."""
+    with safe_open(str(trained), "pt") as f:
+        meta, state = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["crops_version"] == str(CROPS_VERSION)
+    for version in ("1", None):
+        copy = tmp_path / "grader.safetensors"
+        save_file(state, str(copy), metadata={k: v for k, v in meta.items() if k != "crops_version"} | ({"crops_version": version} if version else {}))
+        copy.with_suffix(".md").write_text(hashlib.sha256(copy.read_bytes()).hexdigest())
+        with pytest.raises(WeightsMismatch, match="crops of version 1"):
+            GraderModel.load(copy)
 
 
 def test_evaluate_command_prints_the_papers_tables(trained: Path) -> None:

@@ -44,18 +44,25 @@ class WriterLock(AbstractContextManager[None]):
     """A blocking ``flock`` that queues a SQLite database's busiest writers across processes.
 
     A writer that finds SQLite's lock taken sleeps 1, 2, 5, 10... ms between tries (its busy
-    handler); one blocked in ``flock`` wakes the moment the lock is released. For one thread per
-    process (the lock belongs to the open file, which the threads of a process share).
+    handler); one blocked in ``flock`` wakes the moment the lock is released. The file is opened
+    per use and closing it releases the lock, so no descriptor outlives a commit. For one thread
+    at a time (the commit thread of a receiving process).
     """
 
     def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.path = path
+        self._fd = -1
 
     def __enter__(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
 
 
 def writer_lock(engine: Engine) -> AbstractContextManager[None]:

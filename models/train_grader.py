@@ -11,10 +11,11 @@ optimiser steps would restart hundreds of times in one of its 200 epochs.
 
 Augmentations, on the device and for the whole batch at once: every volume shifted by up to 2
 slices (T1 sagittal volumes by up to 1: their slices are about 1.5 native slices apart, see
-``models.extract``, so one of theirs is the paper's two native ones), each sample flipped with probability 0.5 (axial slices mirrored left-right, sagittal
-slice order reversed) with left and right labels swapped, an intensity offset in [-0.1, 0.1],
-and a random affine per volume: translation up to 22 px horizontally and 12 px vertically (of
-224x112 slices, scaled with the slice size), scale 0.9-1.1, rotation -20..20 degrees.
+``models.extract``, so one of theirs is the paper's two native ones), each sample flipped with
+probability 0.5 (axial slices mirrored left-right, sagittal slice order reversed) with left and
+right labels swapped, an intensity offset in [-0.1, 0.1], and a random affine per volume:
+translation up to 22 px horizontally and 12 px vertically (of 224x112 slices, scaled with the
+slice size), scale 0.9-1.1, rotation -20..20 degrees.
 
 Model selection: "the highest macro-averaged AUROC achieved over 10 consecutive validation
 epochs" is read as the highest mean, over a window of the 10 latest epochs, of the validation

@@ -57,10 +57,10 @@ class GraderModel:
             raise WeightsMismatch(f"{path.name}: its SHA-256 {sha[:12]}... is not on its model card {card.name}")
         with safe_open(str(path), "pt") as f:
             meta = dict(f.metadata() or {})
+            trained_on = int(meta.get("crops_version", "1"))
+            if trained_on != CROPS_VERSION:
+                raise WeightsMismatch(f"{path.name} was trained on crops of version {trained_on}; this extraction makes version {CROPS_VERSION}: retrain it")
             state = {k: f.get_tensor(k) for k in f.keys()}
-        trained_on = int(meta.get("crops_version", "1"))
-        if trained_on != CROPS_VERSION:
-            raise WeightsMismatch(f"{path.name} was trained on crops of version {trained_on}; this extraction makes version {CROPS_VERSION}: retrain it")
         model = Grader(GraderConfig(**json.loads(meta["grader_config"])))
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         config = json.loads(meta["train_config"])

@@ -133,8 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--workdir", type=Path, default=Path("var/train-grader"), help="checkpoints, for --resume (default var/train-grader)")
     cmd.add_argument("--out", type=Path, default=None, help="weights file (default: the shipped models/weights/grader.safetensors)")
     cmd.add_argument("--preset", choices=["paper", "cpu"], default="paper", help="paper's configuration (default) or the small CPU one")
-    cmd.add_argument("--epochs", type=int, help="override the preset's epochs")
-    cmd.add_argument("--batch", type=int, help="override the preset's batch size")
+    cmd.add_argument("--epochs", type=_positive, help="override the preset's epochs")
+    cmd.add_argument("--restart", type=_positive, help="override the preset's cosine restart period (epochs); set it to --epochs for one cycle")
+    cmd.add_argument("--batch", type=_positive, help="override the preset's batch size")
     cmd.add_argument("--size", type=_slice_size, help="slice size fed to the encoder, HxW (override the preset's; crops are 112x224)")
     cmd.add_argument("--seed", type=int, help="seed of the split, the initialisation and the augmentations (default 0)")
     cmd.add_argument("--inputs", help="volumes used, comma separated among T1_SAG,T2_SAG,T2_AX (Table 2 rows 2-7; default all)")
@@ -304,6 +305,17 @@ def _evaluate_detector(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    """A whole number of at least 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
 def _slice_size(text: str) -> tuple[int, int]:
     """``HxW`` as a pair of integers, each at least 16 pixels (argparse type)."""
     try:
@@ -318,7 +330,7 @@ def _slice_size(text: str) -> tuple[int, int]:
 def _train(settings: Settings, args: argparse.Namespace) -> int:
     from models.grader_card import SLOT_NAMES, train_and_card
 
-    overrides: dict[str, Any] = {k: v for k, v in (("epochs", args.epochs), ("batch", args.batch), ("size", args.size), ("seed", args.seed)) if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in (("epochs", args.epochs), ("restart", args.restart), ("batch", args.batch), ("size", args.size), ("seed", args.seed)) if v is not None}
     if args.inputs:
         unknown = set(args.inputs.split(",")) - set(SLOT_NAMES)
         if unknown:

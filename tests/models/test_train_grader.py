@@ -123,7 +123,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generate(base / "data", 6, 31, rsna=True, progress=False)
     out = base / "weights" / "grader.safetensors"
     result = subprocess.run([sys.executable, "-m", "node.cli", "train", "--data", str(base / "data" / "rsna"), "--cache", str(base / "cache"),
-                             "--workdir", str(base / "work"), "--out", str(out), "--preset", "cpu", "--epochs", "1", "--size", "48x96", "--workers", "1", "--device", "cpu"],
+                             "--workdir", str(base / "work"), "--out", str(out), "--preset", "cpu", "--epochs", "1", "--restart", "1", "--size", "48x96", "--workers", "1", "--device", "cpu"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -136,7 +136,7 @@ def test_train_command_writes_weights_card_report_and_figures(trained: Path) -> 
     grader = GraderModel.load(trained)
     assert grader.model.config.width == 16 and grader.train_config.size == (48, 96)
     card = trained.with_suffix(".md").read_text()
-    assert "slices resized to 48x96" in card
+    assert "slices resized to 48x96" in card and "restarts every 1 epochs" in card
     assert grader.sha256 in card and "Not for diagnostic use" in card and "synthetic phantoms" in card and "| SCS | L-NFN |" in card.replace("model ", "")
     report = json.loads((trained.parent / "grader-report.json").read_text())
     assert set(report["conditions"]) == set(CONDITIONS)
@@ -152,6 +152,15 @@ def test_a_bad_slice_size_is_refused_by_name(size: str, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "node.cli", "train", "--data", str(tmp_path), "--size", size],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "argument --size" in result.stderr
+
+
+@pytest.mark.parametrize("option", ["--epochs", "--restart", "--batch"])
+def test_a_count_below_one_is_refused_by_name(option: str, tmp_path: Path) -> None:
+    """Epochs, restart period and batch size are counts: 0 (a division by zero in the schedule
+    for ``--restart``) stops at once, naming the option."""
+    result = subprocess.run([sys.executable, "-m", "node.cli", "train", "--data", str(tmp_path), option, "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and f"argument {option}" in result.stderr
 
 
 def test_weights_not_on_their_card_are_refused(trained: Path, tmp_path: Path) -> None:

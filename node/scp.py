@@ -47,6 +47,7 @@ from node.metrics import (
     Refusal,
     refuse_association,
 )
+from node.reactor import PromptSocket, make_prompt
 from node.store import InstanceStore, InvalidInstance, OutOfResources, UndecodableInstance, header_text
 
 LOGGER = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class PDUTooLong(Exception):
     """A peer announced a PDU longer than we accept (not an OSError, so pynetdicom aborts)."""
 
 
-class PDULimitedSocket(AssociationSocket):
+class PDULimitedSocket(PromptSocket):
     """An association socket that refuses a PDU longer than we accept, from its header alone.
 
     pynetdicom reads the 6-byte header of each PDU, then as many bytes as the header says, up to
@@ -109,8 +110,8 @@ class PDULimitedSocket(AssociationSocket):
 
 
 class ConnectionHandler(RequestHandler):
-    """Serves one connection: its association reads through a PDULimitedSocket, and the
-    connection's thread lasts as long as the association, so the server knows when it ends
+    """Serves one connection: its association reads through a PDULimitedSocket, its threads wait
+    rather than poll (node.reactor), and the connection's thread lasts as long as the association, so the server knows when it ends
     (pynetdicom's own events miss associations its reactor gives up on)."""
 
     assoc: Association
@@ -120,6 +121,7 @@ class ConnectionHandler(RequestHandler):
         # pynetdicom builds a plain AssociationSocket here and offers no factory to override;
         # the subclass only adds a check to recv(), so the instance can take its class.
         cast(AssociationSocket, assoc.dul.socket).__class__ = PDULimitedSocket
+        make_prompt(assoc)
         self.assoc = assoc
         return assoc
 

@@ -23,7 +23,7 @@ import queue
 import select
 import socket
 import ssl
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import evt
 from pynetdicom.association import Association
@@ -100,13 +100,14 @@ class PromptSocket(AssociationSocket):
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True  # decrypted bytes that select() cannot see
         try:
-            readable, _, _ = select.select([sock, self.waker], [], [], POLL_S)
+            peer, waker = sock.fileno(), self.waker.fileno()
+            readable, _, _ = select.select([peer, waker], [], [], POLL_S)
         except (OSError, TimeoutError, ValueError):
             self.event_queue.put("Evt17")  # as pynetdicom's: the transport connection is closed
             return False
-        if self.waker in readable:
+        if waker in readable:
             self.waker.drain()
-        return sock in readable
+        return peer in readable
 
     def close(self) -> None:
         """Close the connection and the waker."""
@@ -132,7 +133,7 @@ class PromptAssociation(Association):
             except queue.Empty:
                 msg = None
             if msg:
-                self._serve_request(msg, context_id)
+                self._serve_request(msg, cast(int, context_id))
 
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)

@@ -11,6 +11,7 @@ import select
 import socket
 import threading
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 from pynetdicom import AE, evt
@@ -48,8 +49,8 @@ def server() -> Iterator[ReceiverServer]:
     """An echo-only receiving server in this process, with a short network timeout."""
     ae = make_ae(Settings(ae_title="SPINENODE"))
     ae.network_timeout = NETWORK_TIMEOUT_S
-    srv = ae.make_server(("127.0.0.1", 0), evt_handlers=[(evt.EVT_C_ECHO, handle_echo)],
-                         server_class=ReceiverServer, request_handler=ConnectionHandler)
+    srv = cast(ReceiverServer, ae.make_server(("127.0.0.1", 0), evt_handlers=[(evt.EVT_C_ECHO, handle_echo)],
+                                              server_class=ReceiverServer, request_handler=ConnectionHandler))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
     srv.stop(grace_s=0)

@@ -5,6 +5,7 @@ Run it from the repository root::
     .venv/bin/python -m bench.ingest                  # or: make bench-ingest
     .venv/bin/python -m bench.ingest --quick          # 1 run of a 60-instance study
     .venv/bin/python -m bench.ingest --runs 5 --postgres --json bench/out/ingest.json
+    .venv/bin/python -m bench.ingest --syncs          # also count sync calls per instance (strace)
 
 The load is one lumbar MR study of 300 instances, 512x512 16-bit, uncompressed Explicit VR
 Little Endian (about 158 MB), generated once into ``bench/out/`` and given fresh UIDs for
@@ -17,7 +18,10 @@ a quarter of the files each (x4). The receivers, each started here on a free por
 - dcmtk ``storescp`` and ``storescp --fork``: C++, files only, no fsync, no index: the ceiling.
 - Orthanc (Debian package): files plus its SQLite index, synced (its defaults).
 
-Time is the wall clock from starting the storescu processes until the last one exits.
+Time is the wall clock from starting the storescu processes until the last one exits; CPU is
+what the receiver's processes used meanwhile (user plus system, from /proc), per instance.
+``--syncs`` adds one untimed x1 run per receiver under strace, counting its fsync/fdatasync
+calls per instance (bench.syncs): one association waits for each of them in turn.
 A run counts only if every storescu exits 0 and the receiver then holds exactly all the
 study's instances; the table shows the median of the counted runs.
 
@@ -51,6 +55,7 @@ from rich.table import Table
 
 from bench.servers import CALLING_AET, NodeReceiver, OrthancReceiver, Receiver, StorescpReceiver
 from bench.study import Template, ensure_template, stamp_copy
+from bench.syncs import SYNC_CALLS, count_syncs
 from tests.support.services import DCMTK_ENV, PostgresCluster
 
 STORESCU = "/usr/bin/storescu"
@@ -69,6 +74,7 @@ class Result:
     bytes: int
     seconds: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)  # the receiver's CPU per instance, each counted run
 
     @property
     def median_s(self) -> float | None:
@@ -81,6 +87,10 @@ class Result:
     @property
     def mb_per_s(self) -> float | None:
         return self.bytes / 1e6 / self.median_s if self.median_s else None
+
+    @property
+    def cpu_ms_per_image(self) -> float | None:
+        return statistics.median(self.cpu_ms) if self.cpu_ms else None
 
 
 def send(files: list[Path], receiver: Receiver, associations: int) -> tuple[float, list[str]]:
@@ -127,11 +137,13 @@ def measure(template: Template, receiver: Receiver, runs: int, scratch: Path, co
     for associations in PARALLEL:
         result = Result(receiver.name, associations, len(template.files), template.size_bytes)
         for _ in range(runs):
+            cpu_before = receiver.cpu_seconds()
             elapsed, failures = run_once(template, receiver, associations, scratch)
             if failures:
                 result.failures.extend(failures)
             else:
                 result.seconds.append(elapsed)
+                result.cpu_ms.append(1000 * (receiver.cpu_seconds() - cpu_before) / len(template.files))
             rate = len(template.files) / elapsed
             console.log(f"{receiver.name} x{associations}: {rate:.0f} images/s" + (" [red]not counted[/red]" if failures else ""))
         results.append(result)
@@ -158,11 +170,23 @@ def make_receivers(targets: list[str], workdir: Path, stack: ExitStack, postgres
     return receivers
 
 
-def benchmark(args: argparse.Namespace, console: Console) -> list[Result]:
-    """Generate (or reuse) the study, then measure every receiver in turn, cleaning up after."""
+def sync_counts(template: Template, receiver: Receiver, scratch: Path) -> dict[str, float]:
+    """Sync calls per instance (those made at all) in one untimed x1 run under strace."""
+    failures: list[str] = []
+    counts = count_syncs(receiver.pids(), lambda: failures.extend(run_once(template, receiver, 1, scratch)[1]),
+                         scratch / "strace-summary.txt")
+    if failures:
+        raise RuntimeError(f"{receiver.name}: the run under strace failed: {failures[0]}")
+    return {call: n / len(template.files) for call, n in counts.items() if n}
+
+
+def benchmark(args: argparse.Namespace, console: Console) -> tuple[list[Result], dict[str, dict[str, float]]]:
+    """Generate (or reuse) the study, then measure every receiver in turn, cleaning up after;
+    with ``--syncs`` also count each receiver's sync calls per instance."""
     template = ensure_template(OUT_DIR, args.instances)
     console.log(f"study: {len(template.files)} instances, {template.size_bytes / 1e6:.0f} MB, cached in {template.folder}")
     results: list[Result] = []
+    syncs: dict[str, dict[str, float]] = {}
     with ExitStack() as stack:
         workdir = Path(tempfile.mkdtemp(prefix="work-", dir=OUT_DIR))
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
@@ -176,8 +200,13 @@ def benchmark(args: argparse.Namespace, console: Console) -> list[Result]:
                 results.extend(_not_started(template, receiver.name, str(exc).splitlines()[0], args.runs))
                 continue
             results.extend(measure(template, receiver, args.runs, workdir, console))
+            if args.syncs:
+                try:
+                    syncs[receiver.name] = sync_counts(template, receiver, workdir)
+                except (RuntimeError, OSError) as exc:
+                    console.log(f"[red]{receiver.name}: sync calls not counted: {exc}[/red]")
             receiver.stop()
-    return results
+    return results, syncs
 
 
 def _not_started(template: Template, name: str, why: str, runs: int) -> list[Result]:
@@ -194,12 +223,13 @@ def _rate(value: float | None) -> str:
     return f"{value:.0f}" if value else "-"
 
 
-def report(results: list[Result], runs: int, console: Console) -> None:
-    """One row per receiver and association count: rates and the ratios to Orthanc and storescp."""
+def report(results: list[Result], syncs: dict[str, dict[str, float]], runs: int, console: Console) -> None:
+    """One row per receiver and association count: rates, the ratios to Orthanc and storescp and
+    the receiver's CPU per instance; then the sync calls per instance, if counted."""
     by_key = {(r.receiver, r.associations): r for r in results}
     orthanc = next((r.receiver for r in results if r.receiver.startswith("Orthanc")), None)
     table = Table(title=f"C-STORE receive rate, median of {runs} run(s), {results[0].instances} instances")
-    for heading in ("receiver", "assocs", "images/s", "MB/s", "vs Orthanc", "vs storescp", "runs ok"):
+    for heading in ("receiver", "assocs", "images/s", "MB/s", "vs Orthanc", "vs storescp", "CPU ms/image", "runs ok"):
         table.add_column(heading, justify="left" if heading == "receiver" else "right", no_wrap=True)
     for result in results:
         peer_orthanc = by_key.get((orthanc or "", result.associations))
@@ -207,19 +237,30 @@ def report(results: list[Result], runs: int, console: Console) -> None:
         table.add_row(result.receiver, f"x{result.associations}", _rate(result.images_per_s), _rate(result.mb_per_s),
                       _ratio(result.images_per_s, peer_orthanc.images_per_s if peer_orthanc else None),
                       _ratio(result.images_per_s, peer_storescp.images_per_s if peer_storescp else None),
+                      f"{result.cpu_ms_per_image:.2f}" if result.cpu_ms_per_image is not None else "-",
                       f"{len(result.seconds)}/{len(result.seconds) + len(result.failures)}",
                       end_section=result.associations == PARALLEL[-1])
     console.print(table)
+    if syncs:
+        counted = Table(title="Sync calls per instance, one x1 run under strace (untimed)")
+        counted.add_column("receiver", no_wrap=True)
+        made = [call for call in SYNC_CALLS if any(call in per_instance for per_instance in syncs.values())]
+        for call in made:
+            counted.add_column(call, justify="right")
+        for name, per_instance in syncs.items():
+            counted.add_row(name, *(f"{per_instance.get(call, 0):.2f}" for call in made))
+        console.print(counted)
     for result in results:
         for failure in dict.fromkeys(result.failures):
             console.print(f"[red]{result.receiver} x{result.associations}: {failure}[/red]")
 
 
-def write_json(path: Path, results: list[Result]) -> None:
-    """The raw numbers: every run's seconds, the failures, the medians."""
-    rows = [{**asdict(r), "images_per_s": r.images_per_s, "mb_per_s": r.mb_per_s} for r in results]
+def write_json(path: Path, results: list[Result], syncs: dict[str, dict[str, float]]) -> None:
+    """The raw numbers: every run's seconds and CPU, the failures, the medians, the sync counts."""
+    rows = [{**asdict(r), "images_per_s": r.images_per_s, "mb_per_s": r.mb_per_s, "cpu_ms_per_image": r.cpu_ms_per_image}
+            for r in results]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"cpus": os.cpu_count(), "results": rows}, indent=2) + "\n")
+    path.write_text(json.dumps({"cpus": os.cpu_count(), "results": rows, "syncs_per_instance": syncs}, indent=2) + "\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -230,6 +271,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--postgres", action="store_true", help="also measure the node on a scratch PostgreSQL")
     parser.add_argument("--only", type=lambda s: s.split(","), default=list(TARGETS),
                         help=f"comma-separated receivers to measure, of {','.join(TARGETS)} (node-rN for N receivers)")
+    parser.add_argument("--syncs", action="store_true", help="also count each receiver's sync calls per instance (strace, one extra x1 run)")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     return parser
 
@@ -249,13 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     console = Console()
     try:
-        results = benchmark(args, console)
+        results, syncs = benchmark(args, console)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; every server stopped and its files removed[/yellow]")
         return 130
-    report(results, args.runs, console)
+    report(results, syncs, args.runs, console)
     if args.json:
-        write_json(args.json, results)
+        write_json(args.json, results, syncs)
     return 1 if any(r.failures for r in results) else 0
 
 

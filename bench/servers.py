@@ -37,10 +37,39 @@ class Receiver(Protocol):
 
     def received(self, study_uid: str) -> int: ...
 
+    def pids(self) -> list[int]: ...
+
+    def cpu_seconds(self) -> float: ...
+
 
 def answers(port: int, called: str) -> bool:
     """True if dcmtk's echoscu gets a C-ECHO success from 127.0.0.1:``port``."""
     return echo(port, called=called, calling=CALLING_AET).returncode == 0
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the live processes of process group ``pgid``, read from /proc."""
+    return [pid for pid, fields in _proc_stats() if int(fields[2]) == pgid]
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User plus system CPU seconds of process group ``pgid``: its live processes and the children
+    they have reaped (``storescp --fork`` reaps one per association)."""
+    ticks = sum(sum(int(f) for f in fields[11:15]) for _, fields in _proc_stats() if int(fields[2]) == pgid)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stats() -> list[tuple[int, list[str]]]:
+    """(pid, fields of /proc/PID/stat after the command name) of every process still there."""
+    stats = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue  # exited meanwhile
+            stats.append((int(entry), text.rpartition(")")[2].split()))
+    return stats
 
 
 class Process:
@@ -65,6 +94,14 @@ class Process:
             tail = self.log.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"{self.argv[0]} exited with {self.proc.returncode}:\n{tail}")
         return False
+
+    def pids(self) -> list[int]:
+        """The live processes of its group (the receiving processes of a node included)."""
+        return group_members(self.proc.pid) if self.proc else []
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds its group has used so far."""
+        return group_cpu_seconds(self.proc.pid) if self.proc else 0.0
 
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL it if still there after 15 s."""
@@ -97,6 +134,12 @@ class ProcessReceiver:
 
     def stop(self) -> None:
         self.process.stop()
+
+    def pids(self) -> list[int]:
+        return self.process.pids()
+
+    def cpu_seconds(self) -> float:
+        return self.process.cpu_seconds()
 
 
 class NodeReceiver(ProcessReceiver):

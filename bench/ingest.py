@@ -15,6 +15,8 @@ a quarter of the files each (x4). The receivers, each started here on a free por
 - spine-node with ``receivers=1`` and ``receivers=2`` (SQLite, WAL, synchronous=FULL; with
   ``--postgres`` also on a scratch PostgreSQL cluster with fsync on): every instance fsynced
   and its row committed before success is returned.
+- ``pynetdicom``: the node's own SCP with nothing behind it (bench.bare_scp): each dataset written
+  as received, no fsync, no index; the floor of any receiver built on pynetdicom.
 - dcmtk ``storescp`` and ``storescp --fork``: C++, files only, no fsync, no index: the ceiling.
 - Orthanc (Debian package): files plus its SQLite index, synced (its defaults).
 
@@ -53,14 +55,14 @@ from types import FrameType
 from rich.console import Console
 from rich.table import Table
 
-from bench.servers import CALLING_AET, NodeReceiver, OrthancReceiver, Receiver, StorescpReceiver
+from bench.servers import CALLING_AET, BareScpReceiver, NodeReceiver, OrthancReceiver, Receiver, StorescpReceiver
 from bench.study import Template, ensure_template, stamp_copy
 from bench.syncs import SYNC_CALLS, count_syncs
 from tests.support.services import DCMTK_ENV, PostgresCluster
 
 STORESCU = "/usr/bin/storescu"
 OUT_DIR = Path(__file__).resolve().parent / "out"
-TARGETS = ("node-r1", "node-r2", "storescp", "storescp-fork", "orthanc")
+TARGETS = ("node-r1", "node-r2", "pynetdicom", "storescp", "storescp-fork", "orthanc")
 PARALLEL = (1, 4)
 
 
@@ -157,6 +159,8 @@ def make_receivers(targets: list[str], workdir: Path, stack: ExitStack, postgres
         if target.startswith("node-r"):
             count = int(target.removeprefix("node-r"))
             receivers.append(NodeReceiver(workdir / target, count, f"sqlite:///{workdir / target / 'node.db'}", "SQLite"))
+        elif target == "pynetdicom":
+            receivers.append(BareScpReceiver(workdir / target))
         elif target.startswith("storescp"):
             receivers.append(StorescpReceiver(workdir / target, fork=target.endswith("fork")))
         elif target == "orthanc":

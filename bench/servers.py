@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from bench.bare_scp import AE_TITLE
 from tests.support.services import DCMTK_ENV, echo, free_port, toml_text, wait_for
 
 STORESCP = "/usr/bin/storescp"
@@ -167,7 +168,20 @@ class NodeReceiver(ProcessReceiver):
         return int(rows[0]["instances"]) if rows else 0
 
 
-class StorescpReceiver(ProcessReceiver):
+class FilesReceiver(ProcessReceiver):
+    """A receiver that writes one file per instance into ``out`` and keeps no index."""
+
+    out: Path
+
+    def received(self, study_uid: str) -> int:
+        """Files written since the last call (the folder is emptied after counting)."""
+        files = [path for path in self.out.iterdir() if path.is_file()]
+        for path in files:
+            path.unlink()
+        return len(files)
+
+
+class StorescpReceiver(FilesReceiver):
     """dcmtk's storescp (optionally ``--fork``): files only, no index, no fsync; the ceiling."""
 
     def __init__(self, workdir: Path, fork: bool) -> None:
@@ -178,12 +192,18 @@ class StorescpReceiver(ProcessReceiver):
         argv = [STORESCP, *(["--fork"] if fork else []), "-aet", self.ae_title, "-od", str(self.out), str(self.port)]
         self.process = Process(argv, workdir / "storescp.log", env=DCMTK_ENV)
 
-    def received(self, study_uid: str) -> int:
-        """Files written since the last call (the folder is emptied after counting)."""
-        files = [path for path in self.out.iterdir() if path.is_file()]
-        for path in files:
-            path.unlink()
-        return len(files)
+
+class BareScpReceiver(FilesReceiver):
+    """The node's pynetdicom SCP with nothing behind it (bench.bare_scp): files only, no fsync,
+    no index; the floor of a receiver built on pynetdicom."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.name = "pynetdicom (bare)"
+        self.ae_title, self.port = AE_TITLE, free_port()
+        self.out = workdir / "storage"
+        self.out.mkdir(parents=True)
+        argv = [sys.executable, "-m", "bench.bare_scp", "--port", str(self.port), "--out", str(self.out)]
+        self.process = Process(argv, workdir / "bare_scp.log")
 
 
 class OrthancReceiver(ProcessReceiver):

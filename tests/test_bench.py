@@ -19,15 +19,16 @@ def run_bench(module: str, tmp_path: Path, *args: str, codes: tuple[int, ...] = 
 
 def test_ingest_benchmark_smoke_run(tmp_path: Path) -> None:
     """Every run counts, with its rate and the receiver's CPU; under strace the node syncs each
-    instance's file, its directory and its commit, storescp nothing."""
-    written = run_bench("ingest", tmp_path, "--runs", "1", "--instances", "8", "--only", "node-r1,storescp", "--syncs", codes=(0,))
+    instance's file, its directory and its commit, the bare SCP and storescp nothing."""
+    written = run_bench("ingest", tmp_path, "--runs", "1", "--instances", "8", "--only", "node-r1,pynetdicom,storescp", "--syncs", codes=(0,))
     rows = written["results"]
     assert {(r["receiver"], r["associations"]) for r in rows} == {
-        ("node r=1 SQLite", 1), ("node r=1 SQLite", 4), ("storescp", 1), ("storescp", 4)}
+        (name, n) for name in ("node r=1 SQLite", "pynetdicom (bare)", "storescp") for n in (1, 4)}
     assert all(r["failures"] == [] and r["images_per_s"] > 0 and r["cpu_ms_per_image"] >= 0 for r in rows)
     assert all(r["cpu_ms_per_image"] > 0 for r in rows if r["receiver"].startswith("node"))  # storescp's may be under a tick
-    node, storescp = written["syncs_per_instance"]["node r=1 SQLite"], written["syncs_per_instance"]["storescp"]
-    assert node["fsync"] >= 2 and node["fdatasync"] >= 1 and storescp == {}
+    syncs = written["syncs_per_instance"]
+    assert syncs["node r=1 SQLite"]["fsync"] >= 2 and syncs["node r=1 SQLite"]["fdatasync"] >= 1
+    assert syncs["pynetdicom (bare)"] == syncs["storescp"] == {}
 
 
 def test_pipeline_benchmark_smoke_run(tmp_path: Path) -> None:

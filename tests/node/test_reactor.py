@@ -18,7 +18,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.config import Settings
+from node.config import load_settings
 from node.reactor import PromptAssociation, Waker, make_prompt
 from node.scp import ConnectionHandler, ReceiverServer, handle_echo, make_ae
 from tests.support.services import wait_for
@@ -47,7 +47,7 @@ def test_a_waker_is_readable_from_wake_until_drained() -> None:
 @pytest.fixture
 def server() -> Iterator[ReceiverServer]:
     """An echo-only receiving server in this process, with a short network timeout."""
-    ae = make_ae(Settings(ae_title="SPINENODE"))
+    ae = make_ae(load_settings(ae_title="SPINENODE"))
     ae.network_timeout = NETWORK_TIMEOUT_S
     srv = cast(ReceiverServer, ae.make_server(("127.0.0.1", 0), evt_handlers=[(evt.EVT_C_ECHO, handle_echo)],
                                               server_class=ReceiverServer, request_handler=ConnectionHandler))

@@ -47,7 +47,7 @@ from node.metrics import (
     Refusal,
     refuse_association,
 )
-from node.reactor import PromptSocket, make_prompt
+from node.reactor import PromptSocket, end_prompt, make_prompt
 from node.store import InstanceStore, InvalidInstance, OutOfResources, UndecodableInstance, header_text
 
 LOGGER = logging.getLogger(__name__)
@@ -111,24 +111,30 @@ class PDULimitedSocket(PromptSocket):
 
 class ConnectionHandler(RequestHandler):
     """Serves one connection: its association reads through a PDULimitedSocket, its threads wait
-    rather than poll (node.reactor), and the connection's thread lasts as long as the association, so the server knows when it ends
-    (pynetdicom's own events miss associations its reactor gives up on)."""
+    rather than poll (node.reactor), and the connection's thread lasts as long as the
+    association, so the server knows when it ends (pynetdicom's own events miss associations its
+    reactor gives up on)."""
 
     assoc: Association
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         # pynetdicom builds a plain AssociationSocket here and offers no factory to override;
-        # the subclass only adds a check to recv(), so the instance can take its class.
+        # the subclass only overrides methods (ready, recv, close), so the instance can take its class.
         cast(AssociationSocket, assoc.dul.socket).__class__ = PDULimitedSocket
         make_prompt(assoc)
         self.assoc = assoc
         return assoc
 
     def handle(self) -> None:
-        """Start the association and wait until it has ended."""
-        super().handle()
-        self.assoc.join()
+        """Start the association, wait until it has ended, then free what made it prompt
+        (pynetdicom does not always close its socket object: socketserver closes the connection)."""
+        try:
+            super().handle()
+            self.assoc.join()
+        finally:
+            if hasattr(self, "assoc"):
+                end_prompt(self.assoc)
 
 
 class ReceiverServer(ThreadedAssociationServer):

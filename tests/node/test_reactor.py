@@ -19,7 +19,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import load_settings
-from node.reactor import PromptAssociation, Waker, make_prompt
+from node.reactor import PromptAssociation, Waker, make_prompt, recv_exactly
 from node.scp import ConnectionHandler, ReceiverServer, handle_echo, make_ae
 from tests.support.services import wait_for
 from tests.support.wire import associate_rq, read_pdu
@@ -42,6 +42,23 @@ def test_a_waker_is_readable_from_wake_until_drained() -> None:
     assert not readable(waker)
     waker.close()
     waker.wake()  # nobody left to wake: no error
+
+
+def test_recv_exactly_reads_across_sends_and_stops_where_the_peer_closes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PDU sent in pieces comes back whole; a peer that closes early leaves what it sent; a
+    body longer than the first allocation grows the buffer."""
+    monkeypatch.setattr("node.reactor.PREALLOCATE_MAX", 1000)
+    data = bytes(range(256)) * 40  # 10240 bytes
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        for at in range(0, 6000, 1500):
+            peer.sendall(data[at:at + 1500])
+        peer.sendall(data[6000:])
+        assert recv_exactly(ours, len(data)) == data
+        peer.sendall(data[:700])
+        peer.close()
+        assert recv_exactly(ours, 4000) == data[:700]
+        assert recv_exactly(ours, 0) == b""
 
 
 @pytest.fixture

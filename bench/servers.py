@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bench.bare_scp import AE_TITLE
-from tests.support.services import DCMTK_ENV, echo, free_port, toml_text, wait_for
+from tests.support.services import DCMTK_ENV, echo, free_port, proc_stats, toml_text, wait_for
 
 STORESCP = "/usr/bin/storescp"
 ORTHANC = "/usr/sbin/Orthanc"
@@ -50,27 +50,14 @@ def answers(port: int, called: str) -> bool:
 
 def group_members(pgid: int) -> list[int]:
     """Pids of the live processes of process group ``pgid``, read from /proc."""
-    return [pid for pid, fields in _proc_stats() if int(fields[2]) == pgid]
+    return [pid for pid, fields in proc_stats() if int(fields[2]) == pgid]
 
 
 def group_cpu_seconds(pgid: int) -> float:
     """User plus system CPU seconds of process group ``pgid``: its live processes and the children
     they have reaped (``storescp --fork`` reaps one per association)."""
-    ticks = sum(sum(int(f) for f in fields[11:15]) for _, fields in _proc_stats() if int(fields[2]) == pgid)
+    ticks = sum(sum(int(f) for f in fields[11:15]) for _, fields in proc_stats() if int(fields[2]) == pgid)
     return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _proc_stats() -> list[tuple[int, list[str]]]:
-    """(pid, fields of /proc/PID/stat after the command name) of every process still there."""
-    stats = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                text = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue  # exited meanwhile
-            stats.append((int(entry), text.rpartition(")")[2].split()))
-    return stats
 
 
 class Process:

@@ -37,17 +37,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def proc_stats() -> list[tuple[int, list[str]]]:
+    """(pid, fields of /proc/PID/stat after the command name) of every process still there."""
+    stats = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stats.append((int(stat.parent.name), stat.read_text().rpartition(")")[2].split()))
+        except OSError:
+            continue  # exited meanwhile
+    return stats
+
+
 def children_of(pid: int) -> list[int]:
     """Process ids whose parent is ``pid`` (from /proc), multiprocessing's helper excluded."""
     found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and b"resource_tracker" not in cmdline:
-            found.append(int(stat.parent.name))
+    for child, fields in proc_stats():
+        if int(fields[1]) == pid:
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"resource_tracker" not in cmdline:
+                found.append(child)
     return sorted(found)
 
 

@@ -32,7 +32,8 @@ DEFAULT_GRADER = Path(__file__).parent / "weights" / "grader.safetensors"
 
 
 class WeightsMismatch(RuntimeError):
-    """Weights whose hash is not the one their model card records, or trained on other crops."""
+    """Weights whose hash is not the one their model card records, trained on other crops, or
+    (to start training from) of another architecture or test split."""
 
 
 @dataclass

@@ -27,7 +27,7 @@ from models.data.discs import SLOTS, DiscSet, build_cache, load_cache, split_stu
 from models.detect import DEFAULT_WEIGHTS, Detector
 from models.extract import CROPS_VERSION
 from models.evaluate_grader import evaluate_logits, fit_temperatures, table2, table3
-from models.grade import GraderModel
+from models.grade import GraderModel, WeightsMismatch
 from models.grader import Grader, GraderConfig
 from models.train_grader import TrainConfig, predict, save_grader, train_grader, usable
 
@@ -47,9 +47,10 @@ def split_of(data: DiscSet, seed: int) -> tuple[list[str], list[str], list[str]]
     return split_studies(ids, per_study, seed=seed)
 
 
-def train_and_card(data_dir: Path, cache: Path, workdir: Path, out: Path, preset: str, overrides: dict[str, Any], model_overrides: dict[str, Any], device: str = "cpu", resume: bool = False, workers: int = 2, command: str = "") -> Path:
+def train_and_card(data_dir: Path, cache: Path, workdir: Path, out: Path, preset: str, overrides: dict[str, Any], model_overrides: dict[str, Any], device: str = "cpu", resume: bool = False, workers: int = 2, command: str = "", init: Path | None = None) -> Path:
     """Train a grader on an RSNA-layout folder and write ``out`` (weights), its card, test
-    report, figures and training history beside it; checkpoints go to ``workdir``."""
+    report, figures and training history beside it; checkpoints go to ``workdir``. ``init``:
+    weights to start from (same architecture and test split) instead of a random initialisation."""
     model_config, train_config = PRESETS[preset]
     model_config = dataclasses.replace(model_config, **model_overrides)
     train_config = dataclasses.replace(train_config, **overrides)
@@ -60,7 +61,9 @@ def train_and_card(data_dir: Path, cache: Path, workdir: Path, out: Path, preset
     train, val, test = (usable(data.select(ids), train_config.slots) for ids in (train_ids, val_ids, test_ids))
     del data
     dev = torch.device(device)
-    trained = train_grader(train, val, model_config, train_config, workdir / out.stem, device, resume=resume)
+    test_sha = hashlib.sha256(",".join(sorted(test_ids)).encode()).hexdigest()
+    start = _initial_weights(init, model_config, test_sha) if init else None
+    trained = train_grader(train, val, model_config, train_config, workdir / out.stem, device, resume=resume, init=(start.sha256, start.model.state_dict()) if start else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.parent / f"{out.stem}-history.json").write_text(json.dumps(trained.history, indent=1))
     temperatures = fit_temperatures(predict(trained.model, val, train_config, dev), val, train_config.conditions)
@@ -68,7 +71,8 @@ def train_and_card(data_dir: Path, cache: Path, workdir: Path, out: Path, preset
         "trained_on": f"{len(train_ids)} studies ({len(train.levels)} discs) of {_provenance(data_dir)}; validation {len(val_ids)}, test {len(test_ids)} studies (patient-level stratified split, seed {train_config.seed})",
         "preset": preset, "train_config": json.dumps(asdict(train_config)), "temperatures": json.dumps(temperatures),
         "selected_epoch": str(trained.selected_epoch), "train_seconds": str(round(time.monotonic() - started)), "device": dev.type,
-        "test_ids_sha256": hashlib.sha256(",".join(sorted(test_ids)).encode()).hexdigest(),
+        "test_ids_sha256": test_sha, "command": command,
+        "initialised_from": f"weights sha256 `{start.sha256}` ({start.train_config.epochs} epochs, selected epoch {start.metadata.get('selected_epoch')}, {start.metadata.get('command') or 'command on their card in the git history'})" if start else "a random initialisation",
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "torch": torch.__version__,
         "crops_version": str(CROPS_VERSION),
     }
@@ -78,6 +82,17 @@ def train_and_card(data_dir: Path, cache: Path, workdir: Path, out: Path, preset
     (out.parent / f"{out.stem}-report.json").write_text(json.dumps(report, indent=1))
     _write_card(out, facts, report, trained.history, command, model_config, train_config)
     return out
+
+
+def _initial_weights(path: Path, model: GraderConfig, test_sha: str) -> GraderModel:
+    """Weights to continue from: their card must vouch for them, their architecture must be this
+    run's, and their test split this run's (else they may have trained on its test studies)."""
+    start = GraderModel.load(path)
+    if start.model.config != model:
+        raise WeightsMismatch(f"{path.name} is a {start.model.config}; this run trains a {model}: pick the same preset and options")
+    if start.metadata.get("test_ids_sha256") != test_sha:
+        raise WeightsMismatch(f"{path.name} was trained with another test split: starting from it would score studies it may have learnt from")
+    return start
 
 
 def _provenance(data_dir: Path) -> str:
@@ -110,6 +125,7 @@ grade: the scores below are those of its own test split only.
 - Trained on: {facts['trained_on']}.
 - Crops: version {facts['crops_version']} of `models/extract.py` (its docstring says how they are cut);
   the node refuses these weights beside an extraction of another version.
+- Initialised from: {facts['initialised_from']}.
 - Selected epoch: {facts['selected_epoch']} (best mean validation macro AUROC over 10 consecutive epochs);
   trained in {facts['train_seconds']} s on {facts['device'].upper()}, torch {facts['torch']}, {facts['created']}.
 - Temperatures (fitted on validation, applied at inference): {facts['temperatures']}

@@ -221,12 +221,17 @@ def validation_auroc(logits: dict[str, np.ndarray], data: DiscSet, conditions: S
     return scores
 
 
-def train_grader(train: DiscSet, val: DiscSet, model_config: GraderConfig, config: TrainConfig, out: Path, device: str = "cpu", resume: bool = False, progress: bool = True) -> Trained:
-    """Train from scratch (or resume ``out/last.pt``), selecting by the windowed validation AUROC."""
+def train_grader(train: DiscSet, val: DiscSet, model_config: GraderConfig, config: TrainConfig, out: Path, device: str = "cpu", resume: bool = False, progress: bool = True,
+                 init: tuple[str, dict[str, torch.Tensor]] | None = None) -> Trained:
+    """Train from scratch, or from ``init`` (a weights hash and its state dict: another warm
+    restart of an earlier run), or resume ``out/last.pt``; select by the windowed validation AUROC."""
     dev = torch.device(device)
     train, val = usable(train, config.slots), usable(val, config.slots)
     seed_everything(config.seed)
-    model = Grader(model_config).to(dev)
+    model = Grader(model_config)
+    if init is not None:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in init[1].items()})
+    model = model.to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr_min, weight_decay=config.weight_decay)
@@ -239,7 +244,7 @@ def train_grader(train: DiscSet, val: DiscSet, model_config: GraderConfig, confi
     start = 0
     last = out / "last.pt"
     # what a resumed run must share with its checkpoint (more epochs may be asked for)
-    identity = {"config": json.dumps({k: v for k, v in asdict(config).items() if k != "epochs"}), "model": json.dumps(asdict(model_config)), "train_ids": sorted(set(train.study_ids.tolist())), "val_ids": sorted(set(val.study_ids.tolist()))}
+    identity = {"config": json.dumps({k: v for k, v in asdict(config).items() if k != "epochs"}), "model": json.dumps(asdict(model_config)), "train_ids": sorted(set(train.study_ids.tolist())), "val_ids": sorted(set(val.study_ids.tolist())), "init": init[0] if init else None}
     if resume and last.exists():
         state = torch.load(last, map_location="cpu", weights_only=False)
         if state.get("identity") != identity:

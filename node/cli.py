@@ -144,6 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
     cmd.add_argument("--workers", type=int, default=2, help="processes building the disc cache (default 2)")
     cmd.add_argument("--resume", action="store_true", help="continue the last run from its checkpoint")
+    cmd.add_argument("--init", type=Path, help="start from these grader weights (same preset, options and split) instead of a random initialisation")
     cmd.set_defaults(run=_train)
 
     cmd = commands.add_parser("evaluate", help="the paper's tables for one or more trained graders on their test split")
@@ -345,15 +346,19 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
             print(f"spine-node: unknown conditions in {args.conditions!r}; choose among {', '.join(CONDITIONS)}", file=sys.stderr)
             return 2
         overrides["conditions"] = wanted
-    from models.grade import DEFAULT_GRADER
+    from models.grade import DEFAULT_GRADER, WeightsMismatch
 
     out = args.out or DEFAULT_GRADER
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = train_and_card(args.data, args.cache or args.data.parent / "disc-cache", args.workdir, out, args.preset, overrides,
-                          {"aggregate": args.aggregate} if args.aggregate else {}, device, args.resume, args.workers,
-                          "spine-node " + " ".join(sys.argv[1:]))
+    try:
+        path = train_and_card(args.data, args.cache or args.data.parent / "disc-cache", args.workdir, out, args.preset, overrides,
+                              {"aggregate": args.aggregate} if args.aggregate else {}, device, args.resume, args.workers,
+                              "spine-node " + " ".join(sys.argv[1:]), args.init)
+    except (WeightsMismatch, FileNotFoundError) as exc:  # --init weights that do not fit this run
+        print(f"spine-node: {exc}", file=sys.stderr)
+        return 2
     print(f"grader weights written to {path} (model card, report and figures beside them)")
     return 0
 

@@ -196,6 +196,27 @@ def test_evaluate_command_prints_the_papers_tables(trained: Path) -> None:
     assert "Table 2" in result.stdout and "Table 3" in result.stdout and "| severe" in result.stdout.replace("severe |", "| severe")
 
 
+def _train_from(trained: Path, out: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """``spine-node train --init`` with the fixture's data and cache, one epoch, into ``out``."""
+    base = trained.parents[1]
+    return subprocess.run([sys.executable, "-m", "node.cli", "train", "--data", str(base / "data" / "rsna"), "--cache", str(base / "cache"),
+                           "--workdir", str(out.parent / "work"), "--out", str(out), "--epochs", "1", "--restart", "1", "--size", "48x96",
+                           "--workers", "1", "--device", "cpu", "--init", str(trained), *options], capture_output=True, text=True, timeout=600)
+
+
+def test_training_can_start_from_earlier_weights(trained: Path, tmp_path: Path) -> None:
+    """``--init``: another cycle from weights of the same architecture and test split, named on
+    the new card by their hash; other weights are refused before any training."""
+    result = _train_from(trained, tmp_path / "a" / "grader.safetensors", "--preset", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = (tmp_path / "a" / "grader.md").read_text()
+    assert f"Initialised from: weights sha256 `{GraderModel.load(trained).sha256}` (1 epochs" in card
+    assert "Initialised from: a random initialisation" in trained.with_suffix(".md").read_text()
+    for options, why in ((("--preset", "paper"), "pick the same preset"), (("--preset", "cpu", "--seed", "5"), "another test split")):
+        refused = _train_from(trained, tmp_path / "b" / "grader.safetensors", *options)
+        assert refused.returncode == 2 and why in refused.stderr and not (tmp_path / "b" / "grader.safetensors").exists()
+
+
 def test_resume_refuses_another_configuration(tmp_path: Path) -> None:
     """A checkpoint is only continued with the configuration and split it was trained with."""
     torch.set_num_threads(1)

@@ -55,6 +55,7 @@ def train_and_card(data_dir: Path, cache: Path, workdir: Path, out: Path, preset
     model_config = dataclasses.replace(model_config, **model_overrides)
     train_config = dataclasses.replace(train_config, **overrides)
     started = time.monotonic()
+    start = _initial_weights(init, model_config) if init else None  # refused before a long cache build
     build_cache(data_dir, cache, Detector.load(DEFAULT_WEIGHTS), workers=workers)
     data = load_cache(cache)
     train_ids, val_ids, test_ids = split_of(data, train_config.seed)
@@ -62,7 +63,8 @@ def train_and_card(data_dir: Path, cache: Path, workdir: Path, out: Path, preset
     del data
     dev = torch.device(device)
     test_sha = hashlib.sha256(",".join(sorted(test_ids)).encode()).hexdigest()
-    start = _initial_weights(init, model_config, test_sha) if init else None
+    if start and start.metadata.get("test_ids_sha256") != test_sha:
+        raise WeightsMismatch(f"{init} was trained with another test split: starting from it would score studies it may have learnt from")
     trained = train_grader(train, val, model_config, train_config, workdir / out.stem, device, resume=resume, init=(start.sha256, start.model.state_dict()) if start else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.parent / f"{out.stem}-history.json").write_text(json.dumps(trained.history, indent=1))
@@ -84,14 +86,12 @@ def train_and_card(data_dir: Path, cache: Path, workdir: Path, out: Path, preset
     return out
 
 
-def _initial_weights(path: Path, model: GraderConfig, test_sha: str) -> GraderModel:
-    """Weights to continue from: their card must vouch for them, their architecture must be this
-    run's, and their test split this run's (else they may have trained on its test studies)."""
+def _initial_weights(path: Path, model: GraderConfig) -> GraderModel:
+    """Weights to continue from: their card must vouch for them and their architecture must be
+    this run's (their test split is checked once the run's split is known)."""
     start = GraderModel.load(path)
     if start.model.config != model:
-        raise WeightsMismatch(f"{path.name} is a {start.model.config}; this run trains a {model}: pick the same preset and options")
-    if start.metadata.get("test_ids_sha256") != test_sha:
-        raise WeightsMismatch(f"{path.name} was trained with another test split: starting from it would score studies it may have learnt from")
+        raise WeightsMismatch(f"{path} is a {start.model.config}; this run trains a {model}: pick the same preset and options")
     return start
 
 

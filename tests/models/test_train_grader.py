@@ -206,15 +206,17 @@ def _train_from(trained: Path, out: Path, *options: str) -> subprocess.Completed
 
 def test_training_can_start_from_earlier_weights(trained: Path, tmp_path: Path) -> None:
     """``--init``: another cycle from weights of the same architecture and test split, named on
-    the new card by their hash; other weights are refused before any training."""
+    the new card by their hash; other weights are refused before any training (another
+    architecture even before the disc cache is built)."""
     result = _train_from(trained, tmp_path / "a" / "grader.safetensors", "--preset", "cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     card = (tmp_path / "a" / "grader.md").read_text()
     assert f"Initialised from: weights sha256 `{GraderModel.load(trained).sha256}` (1 epochs" in card
     assert "Initialised from: a random initialisation" in trained.with_suffix(".md").read_text()
-    for options, why in ((("--preset", "paper"), "pick the same preset"), (("--preset", "cpu", "--seed", "5"), "another test split")):
+    for options, why in ((("--preset", "paper", "--cache", str(tmp_path / "none")), "pick the same preset"), (("--preset", "cpu", "--seed", "5"), "another test split")):
         refused = _train_from(trained, tmp_path / "b" / "grader.safetensors", *options)
         assert refused.returncode == 2 and why in refused.stderr and not (tmp_path / "b" / "grader.safetensors").exists()
+    assert not (tmp_path / "none").exists()
 
 
 def test_resume_refuses_another_configuration(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps demo test faults bench-ingest bench-pipeline bench-latency soak fuzz clean
+.PHONY: install system-deps demo test faults bench-ingest bench-pipeline bench-grader bench-latency soak fuzz clean
 
 install: $(STAMP)
 
@@ -30,6 +30,9 @@ bench-ingest: install system-deps
 
 bench-pipeline: install
 	$(BIN)/python -m bench.pipeline
+
+bench-grader: install
+	$(BIN)/python -m bench.grader
 
 bench-latency: install system-deps
 	$(BIN)/python -m bench.study_latency

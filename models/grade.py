@@ -1,5 +1,5 @@
 """Grading with shipped weights: load once, check the hash against the card, grade a study's
-discs in one batch with calibrated probabilities.
+discs in one batch with calibrated probabilities (fp32 on the CPU, bf16 autocast on CUDA).
 
 The weights file carries its architecture, training configuration and per-condition
 temperatures as safetensors metadata; its model card (same name, ``.md``) carries its SHA-256.
@@ -46,6 +46,7 @@ class GraderModel:
     sha256: str
     device: torch.device
     metadata: dict[str, str]
+    bf16: bool = False  # bf16 autocast, as in training's validation; on by default on CUDA
 
     @classmethod
     def load(cls, path: Path = DEFAULT_GRADER, device: str = "cpu", verify: bool = True) -> GraderModel:
@@ -67,13 +68,14 @@ class GraderModel:
         config = json.loads(meta["train_config"])
         train = TrainConfig(**{**config, "size": tuple(config["size"]), "slots": tuple(config["slots"]), "conditions": tuple(config["conditions"])})
         dev = torch.device(device)
-        return cls(model.to(dev).eval(), train, json.loads(meta.get("temperatures", "{}")), sha, dev, meta)
+        return cls(model.to(dev).eval(), train, json.loads(meta.get("temperatures", "{}")), sha, dev, meta, bf16=dev.type == "cuda")
 
     @torch.inference_mode()
     def probabilities(self, volumes: np.ndarray, present: np.ndarray, levels: Sequence[int]) -> dict[str, np.ndarray]:
         """Calibrated probabilities per condition, (discs, 3), for slot volumes (discs, 3, S, H, W)."""
         inputs = prepare_inputs(volumes, present, np.asarray(levels), self.train_config.slots, self.train_config.size, self.device)
-        out = self.model(**inputs)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(**inputs)
         return {c: torch.softmax(out[c].float() / self.temperatures.get(c, 1.0), dim=1).cpu().numpy() for c in self.train_config.conditions}
 
     def grade(self, crops: Sequence[Crop], levels: Sequence[str]) -> dict[str, dict[str, Any]]:

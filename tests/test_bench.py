@@ -37,6 +37,13 @@ def test_pipeline_benchmark_smoke_run(tmp_path: Path) -> None:
     assert len(rows) == 1 and all(rows[0][k] > 0 for k in ("volumes", "detect", "extract", "grade", "grade_paper", "decode_only"))
 
 
+def test_grader_benchmark_smoke_run(tmp_path: Path) -> None:
+    """The throughput sweep times each batch size that fits (fp32 only on the CPU) and names the best."""
+    written = run_bench("grader", tmp_path, "--device", "cpu", "--batches", "1,2", "--runs", "1", "--shipped", codes=(0,))
+    assert [r["studies"] for r in written["results"]] == [1, 2] and all(r["fp32"] > 0 and "bf16" not in r for r in written["results"])
+    assert written["best_batch"] in (1, 2) and written["model"] == "shipped"
+
+
 def test_study_latency_benchmark_smoke_run(tmp_path: Path) -> None:
     """The latency benchmark runs a node, grades a warm-up, one timed study and a queue of two, and writes its JSON."""
     written = run_bench("study_latency", tmp_path, "--runs", "1", "--queue", "2")

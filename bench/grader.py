@@ -35,6 +35,13 @@ from models.grade import DEFAULT_GRADER, GraderModel
 from models.grader import Grader, GraderConfig
 
 
+def paper_sized(grader: GraderModel) -> GraderModel:
+    """``grader`` with the paper's configuration in place of its network (random weights: speed
+    does not depend on them), reading all three volumes at 112x224."""
+    model = Grader(GraderConfig()).to(grader.device).eval()
+    return dataclasses.replace(grader, model=model, train_config=dataclasses.replace(grader.train_config, size=(112, 224), slots=(0, 1, 2)))
+
+
 def _studies_per_s(grader: GraderModel, studies: int, runs: int, seed: int = 0) -> float:
     """Studies per second for ``runs`` calls on ``studies`` random studies at once, after a warm-up."""
     rng = np.random.default_rng(seed)
@@ -82,9 +89,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     grader = GraderModel.load(DEFAULT_GRADER, args.device)
     if not args.shipped:
-        paper = Grader(GraderConfig()).to(grader.device).eval()
-        grader = dataclasses.replace(grader, model=paper, train_config=dataclasses.replace(grader.train_config, size=(112, 224), slots=(0, 1, 2)))
+        grader = paper_sized(grader)
     rows = _sweep(grader, [int(b) for b in args.batches.split(",")], args.runs)
+    if not rows:
+        print(f"not even a batch of {args.batches.split(',')[0]} studies fits on {args.device}")
+        return 1
     key = "bf16" if grader.device.type == "cuda" else "fp32"
     best = max(rows, key=lambda r: r[key])["studies"]
     name = "shipped" if args.shipped else "paper's configuration"

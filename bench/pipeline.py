@@ -27,7 +27,6 @@ paper's configuration (issue 5), on 2 cores.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -39,11 +38,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench.grader import paper_sized
 from models.data.phantom import generate
 from models.detect import DEFAULT_WEIGHTS, Detector, fuse
 from models.extract import SAGITTAL_ROLES, extract
 from models.grade import DEFAULT_GRADER, GraderModel
-from models.grader import Grader, GraderConfig
 from models.evaluate_detector import load_study
 
 GOAL_S = 2.0
@@ -92,7 +91,7 @@ def main() -> int:
         studies = generate(out, args.studies, seed=4040, progress=False)
     detector = Detector.load(DEFAULT_WEIGHTS)
     grader = GraderModel.load(DEFAULT_GRADER)
-    paper = dataclasses.replace(grader, model=Grader(GraderConfig()).eval(), train_config=dataclasses.replace(grader.train_config, size=(112, 224), slots=(0, 1, 2)))
+    paper = paper_sized(grader)
     _pipeline(studies[0], detector, grader, paper)  # warm-up: imports, allocator, file cache
     rows: list[dict[str, Any]] = []
     for study in studies:
